@@ -1,0 +1,20 @@
+"""bingo_kernels: the ops behind ticket search, with one signature and several backends.
+
+Ops (see :mod:`bingo_kernels.ops`): ``masked_reset_linear``, ``masked_reset_conv2d``,
+``subset_metrics``, ``subset_unit_sums``. Backends: ``torch`` (reference and CPU fallback, always
+present), ``triton`` and ``cuda`` (accelerated; registered by their modules where they can run).
+The subset-mask specification every backend reproduces bit for bit is
+:func:`bingo_kernels.hashing.subset_mask`.
+"""
+
+from .backends import available_backends, resolve_backend, unavailable_reason
+from .errors import BackendUnavailableError, BingoError, InputMismatchError, InvalidOptionError
+from .hashing import subset_mask
+from .ops import masked_reset_conv2d, masked_reset_linear, subset_metrics, subset_unit_sums
+from .subsets import SubsetMasks
+
+__all__ = [
+    "BackendUnavailableError", "BingoError", "InputMismatchError", "InvalidOptionError",
+    "SubsetMasks", "available_backends", "masked_reset_conv2d", "masked_reset_linear",
+    "resolve_backend", "subset_mask", "subset_metrics", "subset_unit_sums", "unavailable_reason",
+]

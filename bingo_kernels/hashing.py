@@ -1,0 +1,145 @@
+"""The subset-mask specification: which units subset k of search s resets.
+
+This module is the single source of truth. Every backend (torch, Triton, CUDA) must regenerate
+these masks bit for bit, so the whole definition uses only 32-bit unsigned integer arithmetic
+(wrap-around multiply, xor, logical shift) and one float32 comparison that is exact in IEEE 754.
+The torch implementation below emulates uint32 in int64 without ever overflowing int64, so it does
+not rely on undefined signed overflow.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import InputMismatchError
+
+MASK32 = 0xFFFFFFFF
+MIX_MUL1 = 0x7FEB352D
+MIX_MUL2 = 0x846CA68B
+SEED_SALT = 0x9E3779B9
+UNIT_HI_SALT = 0x85EBCA6B
+PROB_SCALE = 16777216.0  # 2**24: the mask compares the top 24 bits of the hash with p * 2**24.
+
+# Bounds the int64 temporaries of the torch implementation (8 bytes each, a few alive at once).
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 ``x`` in [0, 2**32) and a constant ``c`` in [0, 2**32).
+
+    The constant is split into 16-bit halves so that no product exceeds 2**48.
+    """
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """The ``lowbias32`` integer finaliser (C. Wellons) on int64 tensors holding uint32 values.
+
+    ``x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16`` (mod 2**32).
+    A bijection on 32-bit integers with near-ideal avalanche.
+    """
+    x = x ^ (x >> 16)
+    x = _mul32(x, MIX_MUL1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, MIX_MUL2)
+    return x ^ (x >> 16)
+
+
+def mix32_int(x: int) -> int:
+    """``mix32`` on a Python int (for scalars computed on the host)."""
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * MIX_MUL1) & MASK32
+    x ^= x >> 15
+    x = (x * MIX_MUL2) & MASK32
+    return x ^ (x >> 16)
+
+
+def check_u32(name: str, value: int) -> int:
+    """Seeds, search indices and subset indices are uint32 in the spec; reject anything else."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MASK32:
+        raise InputMismatchError(f"{name} must be an integer in [0, 2**32), got {value!r}")
+    return value
+
+
+def subset_key_int(seed: int, search: int, k: int) -> int:
+    """The 32-bit stream key of subset ``k`` of search ``search`` (see :func:`subset_mask`)."""
+    return mix32_int(mix32_int(mix32_int(seed ^ SEED_SALT) ^ search) ^ k)
+
+
+def subset_keys(seed: int, search: int, k_start: int, num_subsets: int, device=None) -> torch.Tensor:
+    """Stream keys of subsets ``k_start .. k_start+num_subsets-1`` as an int64 tensor."""
+    base = mix32_int(mix32_int(seed ^ SEED_SALT) ^ search)
+    k = torch.arange(k_start, k_start + num_subsets, dtype=torch.int64, device=device)
+    return mix32(k ^ base)
+
+
+def unit_hashes(unit_offset: int, num_units: int, device=None) -> torch.Tensor:
+    """Per-unit hashes ``mix32(lo32(u) ^ mix32(hi32(u) ^ UNIT_HI_SALT))`` for global indices u."""
+    u = torch.arange(unit_offset, unit_offset + num_units, dtype=torch.int64, device=device)
+    return mix32((u & MASK32) ^ mix32((u >> 32) ^ UNIT_HI_SALT))
+
+
+def inclusion_threshold(prob, num_units: int, device=None) -> torch.Tensor:
+    """``float32(p) * 2**24`` for a scalar or per-unit probability, as a float32 tensor.
+
+    Multiplying by a power of two is exact in float32, so every backend gets the same threshold.
+    """
+    if isinstance(prob, torch.Tensor):
+        p = prob.detach().to(device=device, dtype=torch.float32).reshape(-1)
+        if p.numel() != num_units:
+            raise InputMismatchError(
+                f"per-unit inclusion probability has {p.numel()} values for {num_units} units"
+            )
+    else:
+        p = torch.full((num_units,), float(prob), dtype=torch.float32, device=device)
+    return p * PROB_SCALE
+
+
+def subset_mask(
+    seed: int,
+    search: int,
+    k_start: int,
+    num_subsets: int,
+    unit_offset: int,
+    num_units: int,
+    prob,
+    device=None,
+) -> torch.Tensor:
+    """Boolean masks ``(num_subsets, num_units)``: True where subset k resets unit u.
+
+    **Specification** (normative; every backend implements exactly this). All integers are
+    uint32 and arithmetic wraps mod 2**32, except the unit index, which is uint64.
+
+    * ``mix32(x)``: ``x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16``
+      (``>>`` is a logical shift).
+    * Subset key of subset ``k`` (0-based, global within the search) of search ``s`` (0-based count
+      of searches run so far) under ``seed``:
+      ``key(seed, s, k) = mix32(mix32(mix32(seed ^ 0x9E3779B9) ^ s) ^ k)``.
+    * Unit hash of global unit index ``u`` (the unit's offset in the model's unit layout plus its
+      row-major index inside its layer): ``uh(u) = mix32(lo32(u) ^ mix32(hi32(u) ^ 0x85EBCA6B))``.
+    * ``h(k, u) = mix32(key(seed, s, k) ^ uh(u))``.
+    * Unit u is in subset k iff ``float32(h >> 8) < float32(p_u) * 2**24``, where ``p_u`` is the
+      inclusion probability (one scalar for all units, or one float32 value per unit). Both sides
+      are exact in float32 (a 24-bit integer; a multiplication by a power of two), so the test is
+      bit-reproducible everywhere. p = 0 includes no unit, p = 1 every unit.
+
+    Masks depend on nothing else: not on the chunking over k or units, the device, or the order of
+    evaluation, so a backend may generate any tile of them in-kernel. This function is the torch
+    reference; it materialises only the block it is asked for.
+    """
+    for name, value in (("seed", seed), ("search", search), ("k_start", k_start)):
+        check_u32(name, value)
+    if num_subsets < 0 or num_units < 0 or unit_offset < 0:
+        raise InputMismatchError("num_subsets, num_units and unit_offset must be non-negative")
+    keys = subset_keys(seed, search, k_start, num_subsets, device)
+    thresholds = inclusion_threshold(prob, num_units, device)
+    out = torch.empty((num_subsets, num_units), dtype=torch.bool, device=device)
+    block = max(1, _BLOCK_ELEMENTS // max(1, num_subsets))
+    for u0 in range(0, num_units, block):
+        u1 = min(num_units, u0 + block)
+        uh = unit_hashes(unit_offset + u0, u1 - u0, device)
+        h = mix32(keys[:, None] ^ uh[None, :])
+        out[:, u0:u1] = (h >> 8).to(torch.float32) < thresholds[None, u0:u1]
+    return out
