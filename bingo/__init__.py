@@ -1,3 +1,23 @@
-"""bingo: BINGO pruning (ticket search during training, significance, one-shot pruning)."""
+"""bingo: BINGO pruning — ticket search during training, significance, one-shot pruning.
+
+The user-facing API: :class:`TicketSearch` (attach to a training loop), its ``significance()``,
+and :func:`prune` (one-shot pruning to an accuracy floor or a sparsity). Kernels live in the
+separate :mod:`bingo_kernels` package, which this one calls.
+"""
 
 __version__ = "0.1.0"
+
+from .errors import (BackendUnavailableError, BingoError, CheckpointError, InputMismatchError,
+                     InvalidOptionError, NoPrunableLayersError, NonFiniteError,
+                     UnreachableFloorError)
+from .estimators import ESTIMATORS, Significance, register_estimator
+from .pruning import PruneResult, StructuredResult, prune, shrink_mlp
+from .search import SearchConfig, TicketSearch
+from .units import find_units
+
+__all__ = [
+    "BackendUnavailableError", "BingoError", "CheckpointError", "ESTIMATORS",
+    "InputMismatchError", "InvalidOptionError", "NoPrunableLayersError", "NonFiniteError",
+    "PruneResult", "SearchConfig", "StructuredResult", "Significance", "TicketSearch", "UnreachableFloorError", "__version__",
+    "find_units", "prune", "register_estimator", "shrink_mlp",
+]

@@ -1,0 +1,926 @@
+"""One-shot pruning from significance scores, and structured shrinking of pruned MLPs.
+
+After training, the ticket search has produced a score per unit (a weight element, or a whole
+output neuron / channel). :func:`prune` ranks every unit of every scored layer globally and
+removes the lowest-ranked ones, either a fixed number (``sparsity=``) or as many as an accuracy
+floor allows (``floor=`` with ``eval_fn``). The pruned model uses :mod:`torch.nn.utils.prune`
+masks, so the usual tools (``prune.remove``, ``prune.is_pruned``) work on it.
+
+For neuron-granularity scores on a plain MLP, :func:`shrink_mlp` turns the masked model into a
+physically smaller one that computes exactly the same function.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import prune as torch_prune
+from tqdm.auto import tqdm
+
+from bingo.errors import (
+    BingoError,
+    InputMismatchError,
+    InvalidOptionError,
+    NonFiniteError,
+    NoPrunableLayersError,
+    UnreachableFloorError,
+    require_option,
+)
+
+__all__ = ["PruneResult", "StructuredResult", "prune", "shrink_mlp"]
+
+EvalFn = Callable[[nn.Module], float]
+
+# Module types whose weights carry scores. Both keep output units on dim 0 of the weight.
+PRUNABLE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+
+# Modules shrink_mlp may pass through: they act on each feature independently, so a removed
+# neuron's constant output can be folded into the next layer's bias. Exact types only: a
+# subclass may override forward with something that mixes features.
+ELEMENTWISE_MODULES: frozenset[type[nn.Module]] = frozenset(
+    {
+        nn.ReLU,
+        nn.LeakyReLU,
+        nn.GELU,
+        nn.Tanh,
+        nn.Sigmoid,
+        nn.SiLU,
+        nn.ELU,
+        nn.Softplus,
+        nn.Identity,
+        nn.Dropout,
+    }
+)
+
+STRUCTURED_CHOICES = ("auto", True, False)
+
+# Timing of the structured speedup: a fixed batch, a few warm-up passes, then the median.
+_SPEEDUP_BATCH_ROWS = 256
+_SPEEDUP_WARMUP = 3
+_SPEEDUP_REPEATS = 15
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StructuredResult:
+    """A physically smaller copy of a neuron-pruned MLP (see :func:`shrink_mlp`)."""
+
+    model: nn.Sequential = field(repr=False)
+    """The shrunk MLP; its outputs equal the masked model's."""
+    parameters: int
+    """Number of parameters of the shrunk model."""
+    dense_parameters: int
+    """Number of parameters of the unpruned model."""
+    speedup: float
+    """Measured CPU inference speedup: median dense forward time / median shrunk forward time."""
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` returns: the pruned model, its masks and how it was chosen."""
+
+    model: nn.Module = field(repr=False)
+    """The pruned model, masked with torch.nn.utils.prune (``weight_orig``/``weight_mask``)."""
+    masks: dict[str, Tensor] = field(repr=False)
+    """Parameter name -> bool keep-mask of the parameter's shape (biases too, for neurons)."""
+    unit_masks: dict[str, Tensor] = field(repr=False)
+    """Score key -> bool keep-mask in the score's shape."""
+    granularity: str
+    """"weight" (each weight element is a unit) or "neuron" (each output row/channel is)."""
+    pruned_units: int
+    """Number of units removed."""
+    total_units: int
+    """Number of units in all scored layers."""
+    sparsity: float
+    """pruned_units / total_units."""
+    weight_sparsity: float
+    """Fraction of the elements of the scored weights that are masked to zero."""
+    accuracy: float | None
+    """eval_fn of the pruned model, or None without eval_fn."""
+    dense_accuracy: float | None
+    """eval_fn of the unpruned model, or None without eval_fn."""
+    floor: float | None
+    """The accuracy floor asked for, or None when pruning to a sparsity."""
+    history: list[dict[str, Any]] = field(repr=False)
+    """Floor search evaluations sorted by pruned_units: pruned_units, sparsity, accuracy, phase."""
+    structured: StructuredResult | None
+    """The shrunk MLP for neuron-pruned MLPs, else None."""
+
+    def export_state_dict(self) -> dict[str, Tensor]:
+        """A plain state_dict of the pruned model: usual names (no _orig/_mask), zeros where pruned.
+
+        The tensors are fresh copies, so editing them leaves the model alone.
+        """
+        state = self.model.state_dict()
+        plain: dict[str, Tensor] = {}
+        for name, value in state.items():
+            if name.endswith("_mask") and name[: -len("_mask")] + "_orig" in state:
+                continue
+            base = name[: -len("_orig")]
+            if name.endswith("_orig") and base + "_mask" in state:
+                plain[base] = (value * state[base + "_mask"]).detach().clone()
+            else:
+                plain[name] = value.detach().clone()
+        return plain
+
+    def save_safetensors(self, path: str) -> None:
+        """Write :meth:`export_state_dict` to ``path`` in the safetensors format."""
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in self.export_state_dict().items()}, str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Scores -> layers
+# --------------------------------------------------------------------------------------------
+
+
+def _weight_unit_shape(weight: Tensor) -> tuple[int, ...]:
+    return tuple(weight.shape)
+
+
+def _neuron_unit_shape(weight: Tensor) -> tuple[int, ...]:
+    return (weight.shape[0],)
+
+
+# Granularity name -> the score shape it implies for a weight.
+UNIT_SHAPES: dict[str, Callable[[Tensor], tuple[int, ...]]] = {
+    "weight": _weight_unit_shape,
+    "neuron": _neuron_unit_shape,
+}
+
+
+@dataclass
+class _ScoredLayer:
+    """One scored weight, with its scores flattened in ranking order."""
+
+    key: str
+    """The weight's parameter name, e.g. "1.weight"."""
+    module_name: str
+    """Name of the nn.Linear / nn.Conv2d owning the weight."""
+    unit_shape: tuple[int, ...]
+    """Shape of the score tensor (= of the unit mask)."""
+    scores: Tensor
+    """Flat scores on the CPU."""
+    coverage: Tensor | None
+    """Flat sample counts on the CPU, or None when the scores carry no coverage."""
+
+    @property
+    def units(self) -> int:
+        return self.scores.numel()
+
+
+def _module_of(model: nn.Module, key: str) -> tuple[str, nn.Module]:
+    module_name, _, _ = key.rpartition(".")
+    return module_name, model.get_submodule(module_name)
+
+
+def _check_key(key: str, model: nn.Module, params: Mapping[str, Tensor]) -> tuple[str, Tensor]:
+    """Return (module_name, weight) for a score key, or raise naming what is wrong with it."""
+    if not isinstance(key, str):
+        raise InputMismatchError(f"score keys must be parameter names (str); got {key!r}")
+    if key not in params:
+        if key + "_orig" in params:
+            raise InputMismatchError(
+                f"'{key}' is already pruned with torch.nn.utils.prune; call prune.remove on it "
+                "(or pass the unpruned model) before pruning again"
+            )
+        raise InputMismatchError(
+            f"score key '{key}' is not a parameter of the model "
+            f"(parameters: {', '.join(list(params)[:8])}{', ...' if len(params) > 8 else ''})"
+        )
+    module_name, module = _module_of(model, key)
+    if key.rpartition(".")[2] != "weight" or type(module) not in PRUNABLE_MODULES:
+        kinds = " or ".join(f"nn.{t.__name__}" for t in PRUNABLE_MODULES)
+        raise InputMismatchError(
+            f"score key '{key}' is not the weight of an {kinds} "
+            f"(it belongs to {type(module).__name__})"
+        )
+    return module_name, params[key]
+
+
+def _granularity_of(key: str, score: Tensor, weight: Tensor) -> str:
+    for name, shape_of in UNIT_SHAPES.items():
+        if tuple(score.shape) == shape_of(weight):
+            return name
+    expected = " or ".join(
+        f"{tuple(shape_of(weight))} ({name})" for name, shape_of in UNIT_SHAPES.items()
+    )
+    raise InputMismatchError(
+        f"scores['{key}'] has shape {tuple(score.shape)}; expected {expected}"
+    )
+
+
+def _flat_cpu(key: str, what: str, value: Any) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise InputMismatchError(
+            f"{what}['{key}'] must be a torch.Tensor, got {type(value).__name__}"
+        )
+    if value.is_complex() or value.dtype == torch.bool:
+        raise InputMismatchError(f"{what}['{key}'] must be real numbers, got dtype {value.dtype}")
+    flat = value.detach().to("cpu").reshape(-1)
+    if flat.is_floating_point() and not bool(torch.isfinite(flat).all()):
+        bad = int((~torch.isfinite(flat)).sum())
+        raise NonFiniteError(f"{what}['{key}'] contains {bad} NaN or Inf value(s)")
+    return flat
+
+
+def _checked_coverage(scores: Mapping[str, Tensor]) -> Mapping[str, Tensor] | None:
+    coverage = getattr(scores, "coverage", None)
+    if coverage is None:
+        return None
+    if not isinstance(coverage, Mapping):
+        raise InputMismatchError(
+            f"scores.coverage must be a mapping like scores, got {type(coverage).__name__}"
+        )
+    missing = [k for k in scores if k not in coverage]
+    extra = [k for k in coverage if k not in scores]
+    if missing or extra:
+        raise InputMismatchError(
+            f"scores.coverage must have the same keys as scores; missing {missing}, extra {extra}"
+        )
+    return coverage
+
+
+def _flat_coverage(key: str, coverage: Any, score: Tensor) -> Tensor:
+    if not isinstance(coverage, Tensor) or tuple(coverage.shape) != tuple(score.shape):
+        found = tuple(coverage.shape) if isinstance(coverage, Tensor) else type(coverage).__name__
+        raise InputMismatchError(
+            f"scores.coverage['{key}'] must have the score's shape {tuple(score.shape)}; "
+            f"found {found}"
+        )
+    flat = _flat_cpu(key, "scores.coverage", coverage)
+    if bool((flat < 0).any()):
+        raise InputMismatchError(f"scores.coverage['{key}'] has negative counts")
+    return flat
+
+
+def _scored_layers(
+    model: nn.Module, scores: Mapping[str, Tensor]
+) -> tuple[list[_ScoredLayer], str]:
+    """Validate ``scores`` against ``model``; return the layers in key order and the granularity."""
+    if not isinstance(model, nn.Module):
+        raise InputMismatchError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(scores, Mapping):
+        raise InputMismatchError(
+            f"scores must be a mapping from parameter name to tensor, got {type(scores).__name__}"
+        )
+    if len(scores) == 0:
+        raise NoPrunableLayersError("scores is empty: there is no layer to prune")
+    params = dict(model.named_parameters())
+    coverage = _checked_coverage(scores)
+    layers: list[_ScoredLayer] = []
+    granularities: dict[str, str] = {}
+    for key, score in scores.items():
+        module_name, weight = _check_key(key, model, params)
+        flat = _flat_cpu(key, "scores", score)
+        granularities[key] = _granularity_of(key, score, weight)
+        cov = None if coverage is None else _flat_coverage(key, coverage[key], score)
+        layers.append(_ScoredLayer(key, module_name, tuple(score.shape), flat, cov))
+    kinds = set(granularities.values())
+    if len(kinds) > 1:
+        detail = ", ".join(f"'{k}': {g}" for k, g in granularities.items())
+        raise InvalidOptionError(f"all scores must share one granularity; got a mix ({detail})")
+    return layers, kinds.pop()
+
+
+# --------------------------------------------------------------------------------------------
+# Ranking
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Ranking:
+    """The global pruning order over all scored units, minus the units that are always kept."""
+
+    order: Tensor
+    """Flat indices (into the concatenation of all layers) of prunable units, prune-first first."""
+    sizes: list[int]
+    """Units per layer, in key order."""
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def max_pruned(self) -> int:
+        return self.order.numel()
+
+    def keep_flat(self, count: int) -> list[Tensor]:
+        """Per-layer flat bool keep-masks after pruning the ``count`` first units of the order."""
+        keep = torch.ones(self.total, dtype=torch.bool)
+        keep[self.order[:count]] = False
+        return list(torch.split(keep, self.sizes))
+
+
+def _kept_per_layer(units: int, min_keep: float) -> int:
+    # round() first: min_keep * units can land just above an integer (0.7 * 10 = 7.000000000000001).
+    return max(1, math.ceil(round(min_keep * units, 9)))
+
+
+def _rank(layers: list[_ScoredLayer], min_keep: float) -> _Ranking:
+    sizes = [layer.units for layer in layers]
+    dtype = torch.float64 if any(l.scores.dtype == torch.float64 for l in layers) else torch.float32
+    flat = torch.cat([layer.scores.to(dtype) for layer in layers])
+    # A stable sort of the key-ordered concatenation breaks ties by key order, then flat index.
+    order = torch.sort(flat, stable=True).indices
+    layer_of = torch.repeat_interleave(torch.arange(len(layers)), torch.tensor(sizes))[order]
+    # Positions in the order grouped by layer, each group still in rank order.
+    by_layer = torch.sort(layer_of, stable=True).indices
+    prunable = torch.ones(order.numel(), dtype=torch.bool)
+    end = 0
+    for layer in layers:
+        end += layer.units
+        # A layer's highest-ranked units are the ones it keeps.
+        prunable[by_layer[end - _kept_per_layer(layer.units, min_keep) : end]] = False
+    return _Ranking(order=order[prunable], sizes=sizes)
+
+
+# --------------------------------------------------------------------------------------------
+# Masks
+# --------------------------------------------------------------------------------------------
+
+
+def _weight_param_masks(unit_mask: Tensor, module: nn.Module) -> dict[str, Tensor]:
+    return {"weight": unit_mask}
+
+
+def _neuron_param_masks(unit_mask: Tensor, module: nn.Module) -> dict[str, Tensor]:
+    weight = module.weight
+    view = unit_mask.view(-1, *([1] * (weight.dim() - 1)))
+    masks = {"weight": view.expand(weight.shape).contiguous()}
+    if getattr(module, "bias", None) is not None:
+        masks["bias"] = unit_mask.clone()
+    return masks
+
+
+# Granularity -> how a unit mask becomes masks of the module's parameters.
+PARAM_MASKS: dict[str, Callable[[Tensor, nn.Module], dict[str, Tensor]]] = {
+    "weight": _weight_param_masks,
+    "neuron": _neuron_param_masks,
+}
+
+
+def _unit_masks(
+    layers: list[_ScoredLayer], ranking: _Ranking, count: int, model: nn.Module
+) -> dict[str, Tensor]:
+    masks = {}
+    for layer, keep in zip(layers, ranking.keep_flat(count)):
+        device = model.get_submodule(layer.module_name).weight.device
+        masks[layer.key] = keep.view(layer.unit_shape).to(device)
+    return masks
+
+
+def _param_masks(
+    layers: list[_ScoredLayer], unit_masks: dict[str, Tensor], granularity: str, model: nn.Module
+) -> dict[str, Tensor]:
+    masks = {}
+    for layer in layers:
+        module = model.get_submodule(layer.module_name)
+        prefix = f"{layer.module_name}." if layer.module_name else ""
+        for pname, mask in PARAM_MASKS[granularity](unit_masks[layer.key], module).items():
+            masks[prefix + pname] = mask
+    return masks
+
+
+class _MaskWriter:
+    """Rewrites a model's scored parameters as original * mask, from one saved copy of originals.
+
+    This lets the floor search evaluate many pruned counts on one model instead of a deep copy each.
+    """
+
+    def __init__(
+        self, model: nn.Module, layers: list[_ScoredLayer], granularity: str, ranking: _Ranking
+    ):
+        self.model = model
+        self.layers = layers
+        self.granularity = granularity
+        self.ranking = ranking
+        self.params = dict(model.named_parameters())
+        names = _param_masks(layers, _unit_masks(layers, ranking, 0, model), granularity, model)
+        self.originals = {name: self.params[name].detach().clone() for name in names}
+
+    @torch.no_grad()
+    def write(self, count: int) -> None:
+        unit_masks = _unit_masks(self.layers, self.ranking, count, self.model)
+        masks = _param_masks(self.layers, unit_masks, self.granularity, self.model)
+        for name, mask in masks.items():
+            original = self.originals[name]
+            self.params[name].copy_(original * mask.to(original.dtype))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for name, original in self.originals.items():
+            self.params[name].copy_(original)
+
+
+def _apply_torch_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
+    for name, mask in masks.items():
+        module_name, _, pname = name.rpartition(".")
+        torch_prune.custom_from_mask(model.get_submodule(module_name), pname, mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing how many units to prune
+# --------------------------------------------------------------------------------------------
+
+
+def _accuracy_value(value: Any, count: int) -> float:
+    try:
+        accuracy = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise InvalidOptionError(
+            f"eval_fn must return a number (the accuracy); it returned {type(value).__name__}"
+        ) from None
+    if not math.isfinite(accuracy):
+        raise NonFiniteError(f"eval_fn returned {accuracy} with {count} units pruned")
+    return accuracy
+
+
+class _Evaluator:
+    """Evaluates the working model at a pruned count and records the point in the history."""
+
+    def __init__(self, writer: _MaskWriter, eval_fn: EvalFn, total: int, bar: tqdm):
+        self.writer = writer
+        self.eval_fn = eval_fn
+        self.total = total
+        self.bar = bar
+        self.accuracy: dict[int, float] = {}
+        self.history: list[dict[str, Any]] = []
+
+    def expect(self, evaluations: int) -> None:
+        """Update the progress bar's total once the number of evaluations is known."""
+        self.bar.total = evaluations
+        self.bar.refresh()
+
+    def __call__(self, count: int, phase: str) -> float:
+        # The dense model is evaluated first and is grid point 0 too: count it once.
+        if count in self.accuracy:
+            return self.accuracy[count]
+        self.writer.write(count)
+        accuracy = _accuracy_value(self.eval_fn(self.writer.model), count)
+        self.accuracy[count] = accuracy
+        self.history.append(
+            {
+                "pruned_units": count,
+                "sparsity": count / self.total,
+                "accuracy": accuracy,
+                "phase": phase,
+            }
+        )
+        self.bar.update(1)
+        self.bar.set_postfix(pruned=count, accuracy=f"{accuracy:.4g}")
+        return accuracy
+
+
+def _grid_points(max_count: int, grid: int) -> list[int]:
+    # Integer rounding of i * max / (grid - 1), so the ends are exactly 0 and max_count.
+    steps = grid - 1
+    return sorted({(2 * i * max_count + steps) // (2 * steps) for i in range(grid)})
+
+
+def _bisect_steps(width: int, tolerance: int) -> int:
+    steps = 0
+    while width > tolerance:
+        width = (width + 1) // 2
+        steps += 1
+    return steps
+
+
+def _search_floor(
+    evaluate: _Evaluator, max_count: int, floor: float, grid: int, tolerance: int
+) -> int:
+    """The pruned count the floor allows: grid search for the first failure, then bisect its cell.
+
+    Accuracy need not fall monotonically with the count, so only the cell before the first failing
+    grid point is trusted, and the answer is always a count that was evaluated and passed.
+    """
+    dense = evaluate(0, "grid")
+    if dense < floor:
+        raise UnreachableFloorError(
+            f"the unpruned model reaches accuracy {dense:.6g}, below the floor {floor:.6g}; "
+            "lower the floor or check eval_fn"
+        )
+    points = _grid_points(max_count, grid)
+    accuracies = [evaluate(count, "grid") for count in points]
+    failing = [i for i, accuracy in enumerate(accuracies) if accuracy < floor]
+    if not failing:
+        return max_count
+    lo, hi = points[failing[0] - 1], points[failing[0]]
+    evaluate.expect(len(points) + _bisect_steps(hi - lo, tolerance))
+    while hi - lo > tolerance:
+        mid = (lo + hi) // 2
+        if evaluate(mid, "bisect") >= floor:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _count_for_sparsity(sparsity: float, ranking: _Ranking) -> int:
+    wanted = round(sparsity * ranking.total)
+    if wanted > ranking.max_pruned:
+        warnings.warn(
+            f"sparsity={sparsity:g} asks for {wanted} of {ranking.total} units, but min_keep and "
+            f"keeping one unit per layer allow only {ranking.max_pruned}; pruning "
+            f"{ranking.max_pruned} (sparsity {ranking.max_pruned / ranking.total:.4g})",
+            stacklevel=3,
+        )
+        return ranking.max_pruned
+    return wanted
+
+
+# --------------------------------------------------------------------------------------------
+# Never-sampled units
+# --------------------------------------------------------------------------------------------
+
+
+def _unsampled_pruned(layers: list[_ScoredLayer], unit_masks: dict[str, Tensor]) -> dict[str, int]:
+    counts = {}
+    for layer in layers:
+        if layer.coverage is None:
+            continue
+        pruned = ~unit_masks[layer.key].reshape(-1).cpu()
+        count = int((pruned & (layer.coverage == 0)).sum())
+        if count:
+            counts[layer.key] = count
+    return counts
+
+
+def _check_unsampled(
+    layers: list[_ScoredLayer], unit_masks: dict[str, Tensor], allow: bool
+) -> None:
+    counts = _unsampled_pruned(layers, unit_masks)
+    if not counts:
+        return
+    total = sum(counts.values())
+    where = ", ".join(f"{n} in '{key}'" for key, n in counts.items())
+    if not allow:
+        raise BingoError(
+            f"pruning would remove {total} unit(s) the ticket search never sampled (coverage 0): "
+            f"{where}. Their scores carry no evidence; run the search longer, or pass "
+            "allow_unsampled=True to prune them anyway"
+        )
+    warnings.warn(f"pruning {total} never-sampled unit(s) (coverage 0): {where}", stacklevel=3)
+
+
+# --------------------------------------------------------------------------------------------
+# Structured shrinking of MLPs
+# --------------------------------------------------------------------------------------------
+
+
+def _is_plain_flatten(module: nn.Module) -> bool:
+    # Other dims would fold the batch or keep extra ones; neither is an MLP input.
+    return type(module) is nn.Flatten and (module.start_dim, module.end_dim) == (1, -1)
+
+
+def _mlp_problem(model: nn.Module) -> str | None:
+    """Why shrink_mlp cannot handle ``model``, or None when it can."""
+    if not isinstance(model, nn.Sequential):
+        return f"shrink_mlp needs an nn.Sequential, got {type(model).__name__}"
+    supported = ", ".join(sorted(t.__name__ for t in ELEMENTWISE_MODULES))
+    for position, (name, child) in enumerate(model.named_children()):
+        if type(child) is nn.Linear or type(child) in ELEMENTWISE_MODULES:
+            continue
+        if position == 0 and _is_plain_flatten(child):
+            continue
+        return (
+            f"shrink_mlp supports an nn.Sequential of nn.Linear and elementwise modules "
+            f"({supported}) with an optional leading nn.Flatten(); child '{name}' "
+            f"({child.__class__.__name__}) is not supported"
+        )
+    if not any(type(child) is nn.Linear for child in model):
+        return "shrink_mlp needs at least one nn.Linear in the nn.Sequential"
+    return None
+
+
+def _linear_names(model: nn.Sequential) -> list[str]:
+    return [name for name, child in model.named_children() if type(child) is nn.Linear]
+
+
+def _mask_problem(model: nn.Sequential, unit_masks: Mapping[str, Tensor]) -> str | None:
+    """Why ``unit_masks`` cannot shrink ``model`` (an MLP shrink_mlp supports), or None."""
+    names = _linear_names(model)
+    keys = {f"{name}.weight": name for name in names}
+    for key, mask in unit_masks.items():
+        if key not in keys:
+            return f"unit mask key '{key}' is not the weight of an nn.Linear of the MLP"
+        linear = model.get_submodule(keys[key])
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            return f"unit_masks['{key}'] must be a bool tensor"
+        if tuple(mask.shape) == tuple(linear.weight.shape):
+            return "shrink_mlp needs neuron-granularity masks; got weight-granularity ones"
+        if tuple(mask.shape) != (linear.out_features,):
+            return (
+                f"unit_masks['{key}'] has shape {tuple(mask.shape)}; "
+                f"expected ({linear.out_features},)"
+            )
+        removed = int((~mask).sum())
+        if keys[key] == names[-1] and removed:
+            return (
+                f"shrink_mlp cannot remove outputs of the final nn.Linear '{key}' (they are the "
+                f"model's outputs); {removed} of {linear.out_features} are pruned"
+            )
+        if removed == linear.out_features:
+            return f"unit_masks['{key}'] removes every neuron of the layer"
+    return None
+
+
+def _zero_image(modules: list[nn.Module], width: int, like: Tensor) -> Tensor:
+    """What a pruned neuron (pre-activation 0) feeds the next layer, through ``modules``.
+
+    Evaluated in eval mode (Dropout is the identity), on copies so the caller's modules keep
+    their mode.
+    """
+    value = torch.zeros(1, width, dtype=like.dtype, device=like.device)
+    with torch.no_grad():
+        for module in modules:
+            value = copy.deepcopy(module).eval()(value)
+    return value[0]
+
+
+def _small_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    out_features, in_features = weight.shape
+    linear = nn.Linear(
+        in_features,
+        out_features,
+        bias=bias is not None,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
+
+
+def shrink_mlp(model: nn.Module, unit_masks: Mapping[str, Tensor]) -> nn.Sequential:
+    """Remove pruned hidden neurons from an MLP, giving a smaller model with the same outputs.
+
+    ``model`` is an nn.Sequential of nn.Linear and elementwise modules (see
+    ``ELEMENTWISE_MODULES``), optionally led by nn.Flatten(); it may be dense or already masked.
+    ``unit_masks`` maps "<index>.weight" to a bool keep-mask of shape (out_features,) (neuron
+    granularity, as in :attr:`PruneResult.unit_masks`); absent layers keep every neuron, and the
+    final Linear must keep all its outputs.
+
+    Removing neuron j of Linear i deletes row j of W_i and b_i and column j of W_{i+1}. The masked
+    model still feeds act(0) from a pruned neuron to the next layer (Sigmoid(0) = 0.5), so
+    W_{i+1}[:, j] * act(0) is folded into b_{i+1}, creating that bias if needed. Dropout is taken
+    in eval mode.
+    """
+    problem = _mlp_problem(model)
+    if problem is None:
+        problem = _mask_problem(model, unit_masks)
+    if problem is not None:
+        raise InputMismatchError(problem)
+    children: list[nn.Module] = []
+    # Features leaving the previous Linear: which are kept, and what the removed ones carry.
+    kept: Tensor | None = None
+    after_kept: list[nn.Module] = []
+    for name, child in model.named_children():
+        if type(child) is not nn.Linear:
+            children.append(copy.deepcopy(child))
+            after_kept.append(child)
+            continue
+        weight = child.weight.detach()
+        bias = None if child.bias is None else child.bias.detach()
+        if kept is not None:
+            removed = ~kept
+            carried = _zero_image(after_kept, kept.numel(), weight)
+            fold = weight[:, removed] @ carried[removed]
+            weight = weight[:, kept]
+            if bias is not None:
+                bias = bias + fold
+            elif bool(fold.any()):
+                bias = fold
+        mask = unit_masks.get(f"{name}.weight")
+        if mask is None:
+            mask = torch.ones(child.out_features, dtype=torch.bool)
+        kept = mask.to(weight.device)
+        weight = weight[kept]
+        bias = None if bias is None else bias[kept]
+        children.append(_small_linear(weight, bias))
+        after_kept = []
+    return nn.Sequential(*children).train(model.training)
+
+
+def _parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _median_seconds_interleaved(models: list[nn.Module], batch: Tensor) -> list[float]:
+    """Median forward time of each model; runs alternate so drift in machine load hits all alike."""
+    times: list[list[float]] = [[] for _ in models]
+    with torch.inference_mode():
+        for _ in range(_SPEEDUP_WARMUP):
+            for m in models:
+                m(batch)
+        for _ in range(_SPEEDUP_REPEATS):
+            for i, m in enumerate(models):
+                start = time.perf_counter()
+                m(batch)
+                times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def _measured_speedup(dense: nn.Sequential, small: nn.Sequential) -> float:
+    """CPU speedup of ``small`` over ``dense`` (a plain MLP this function may move and modify)."""
+    first = dense.get_submodule(_linear_names(dense)[0])
+    dense_cpu = dense.cpu().eval()
+    small_cpu = copy.deepcopy(small).cpu().eval()
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randn(
+        _SPEEDUP_BATCH_ROWS, first.in_features, generator=generator, dtype=first.weight.dtype
+    )
+    dense_s, small_s = _median_seconds_interleaved([dense_cpu, small_cpu], batch)
+    return dense_s / max(small_s, 1e-12)
+
+
+def _structured(
+    model: nn.Module, unit_masks: dict[str, Tensor], granularity: str, option: bool | str
+) -> StructuredResult | None:
+    """The shrunk model for ``structured=option``; ``model`` is still dense here."""
+    if option is False:
+        return None
+    problem = None
+    if granularity != "neuron":
+        problem = f"structured shrinking needs neuron-granularity scores, got {granularity}"
+    if problem is None:
+        problem = _mlp_problem(model) or _mask_problem(model, unit_masks)
+    if problem is not None:
+        if option == "auto":
+            return None
+        raise InputMismatchError(f"structured=True: {problem}")
+    small = shrink_mlp(model, unit_masks)
+    dense = shrink_mlp(model, {})  # a plain copy, so the timing compares like with like
+    return StructuredResult(
+        model=small,
+        parameters=_parameter_count(small),
+        dense_parameters=_parameter_count(model),
+        speedup=_measured_speedup(dense, small),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# prune
+# --------------------------------------------------------------------------------------------
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_options(
+    floor: float | None,
+    sparsity: float | None,
+    eval_fn: EvalFn | None,
+    min_keep: float,
+    grid: int,
+    tolerance: int,
+    structured: bool | str,
+) -> None:
+    if (floor is None) == (sparsity is None):
+        raise InvalidOptionError("pass exactly one of floor= (with eval_fn) or sparsity=")
+    if floor is not None:
+        if not _is_real(floor) or not math.isfinite(floor):
+            raise InvalidOptionError(f"floor must be a finite number, got {floor!r}")
+        if eval_fn is None:
+            raise InvalidOptionError("floor= needs eval_fn= (a function model -> accuracy)")
+    if sparsity is not None and (not _is_real(sparsity) or not 0.0 <= sparsity <= 1.0):
+        raise InvalidOptionError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
+    if eval_fn is not None and not callable(eval_fn):
+        raise InvalidOptionError(f"eval_fn must be callable, got {type(eval_fn).__name__}")
+    if not _is_real(min_keep) or not 0.0 <= min_keep <= 1.0:
+        raise InvalidOptionError(f"min_keep must be a fraction in [0, 1], got {min_keep!r}")
+    if not isinstance(grid, int) or isinstance(grid, bool) or grid < 2:
+        raise InvalidOptionError(f"grid must be an integer >= 2, got {grid!r}")
+    if not isinstance(tolerance, int) or isinstance(tolerance, bool) or tolerance < 1:
+        raise InvalidOptionError(f"tolerance must be an integer >= 1, got {tolerance!r}")
+    require_option("structured", structured, STRUCTURED_CHOICES)
+
+
+def _floor_count(
+    work: nn.Module,
+    layers: list[_ScoredLayer],
+    granularity: str,
+    ranking: _Ranking,
+    floor: float,
+    eval_fn: EvalFn,
+    grid: int,
+    tolerance: int,
+    progress: bool,
+) -> tuple[int, _Evaluator]:
+    writer = _MaskWriter(work, layers, granularity, ranking)
+    bar = tqdm(total=len(_grid_points(ranking.max_pruned, grid)), desc="bingo prune",
+               unit="eval", disable=not progress)
+    try:
+        evaluate = _Evaluator(writer, eval_fn, ranking.total, bar)
+        count = _search_floor(evaluate, ranking.max_pruned, floor, grid, tolerance)
+    finally:
+        # The working model may be the caller's (inplace=True): never leave it half-pruned.
+        writer.restore()
+        bar.total = bar.n
+        bar.close()
+    return count, evaluate
+
+
+def prune(
+    model: nn.Module,
+    scores: Mapping[str, Tensor],
+    *,
+    floor: float | None = None,
+    sparsity: float | None = None,
+    eval_fn: EvalFn | None = None,
+    min_keep: float = 0.0,
+    grid: int = 8,
+    tolerance: int = 1,
+    inplace: bool = False,
+    allow_unsampled: bool = False,
+    structured: bool | str = "auto",
+    progress: bool = True,
+) -> PruneResult:
+    """Prune the lowest-scored units of ``model`` in one shot.
+
+    Args:
+        model: the trained model.
+        scores: weight parameter name (of an nn.Linear / nn.Conv2d) -> scores, shaped like the
+            weight (weight granularity) or (out_features / out_channels,) (neuron granularity).
+            Higher means keep. An attribute ``coverage`` (same keys and shapes) marks units the
+            ticket search never sampled (0); pruning those raises unless ``allow_unsampled``.
+        floor: prune as much as keeps ``eval_fn(model) >= floor``; needs ``eval_fn``.
+        sparsity: prune exactly ``round(sparsity * total_units)`` units instead.
+        eval_fn: model -> accuracy. With ``sparsity``, only reported.
+        min_keep: fraction of each layer's units always kept (besides at least one per layer).
+        grid: number of evenly spaced pruned counts the floor search evaluates first.
+        tolerance: the floor bisection stops when its cell is at most this many units wide.
+        inplace: prune ``model`` itself instead of a deep copy.
+        allow_unsampled: prune never-sampled units with a warning instead of raising.
+        structured: "auto" shrinks neuron-pruned MLPs when possible, True requires it, False skips.
+        progress: show a progress bar over the floor search's evaluations.
+
+    Ranking is global over all scored units, lowest score first; ties go by key order, then by
+    flat index. The floor search evaluates ``grid`` counts from 0 to the most that may be pruned,
+    then bisects between the last passing grid point and the first failing one; the count chosen
+    was evaluated and passed. Never-sampled units are checked at the chosen count, so with
+    ``floor`` the error comes after the search.
+    """
+    _check_options(floor, sparsity, eval_fn, min_keep, grid, tolerance, structured)
+    layers, granularity = _scored_layers(model, scores)
+    ranking = _rank(layers, min_keep)
+    # One working model for everything: the floor search rewrites its weights in place, and it
+    # becomes the result, so a model is deep-copied at most once.
+    work = model if inplace else copy.deepcopy(model)
+
+    history: list[dict[str, Any]] = []
+    dense_accuracy = accuracy = None
+    if floor is not None:
+        count, evaluate = _floor_count(
+            work, layers, granularity, ranking, floor, eval_fn, grid, tolerance, progress
+        )
+        history = sorted(evaluate.history, key=lambda point: point["pruned_units"])
+        dense_accuracy, accuracy = evaluate.accuracy[0], evaluate.accuracy[count]
+    else:
+        count = _count_for_sparsity(sparsity, ranking)
+
+    unit_masks = _unit_masks(layers, ranking, count, work)
+    _check_unsampled(layers, unit_masks, allow_unsampled)
+    masks = _param_masks(layers, unit_masks, granularity, work)
+
+    if floor is None and eval_fn is not None:
+        dense_accuracy = _accuracy_value(eval_fn(work), 0)
+    structured_result = _structured(work, unit_masks, granularity, structured)
+    _apply_torch_masks(work, masks)
+    if floor is None and eval_fn is not None:
+        accuracy = _accuracy_value(eval_fn(work), count)
+
+    weight_masks = [masks[layer.key] for layer in layers]
+    zeroed = sum(int((~m).sum()) for m in weight_masks)
+    return PruneResult(
+        model=work,
+        masks=masks,
+        unit_masks=unit_masks,
+        granularity=granularity,
+        pruned_units=count,
+        total_units=ranking.total,
+        sparsity=count / ranking.total,
+        weight_sparsity=zeroed / sum(m.numel() for m in weight_masks),
+        accuracy=accuracy,
+        dense_accuracy=dense_accuracy,
+        floor=float(floor) if floor is not None else None,
+        history=history,
+        structured=structured_result,
+    )
