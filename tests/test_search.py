@@ -1,0 +1,395 @@
+"""TicketSearch end to end: estimators on models with known important units, paths, resume, errors."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bingo
+from bingo import (CheckpointError, InputMismatchError, InvalidOptionError, NoPrunableLayersError,
+                   NonFiniteError, TicketSearch)
+from bingo.models import lenet5, lenet_300_100
+
+IMPORTANT = 4  # hidden neurons 0..3 carry the signal; 4..15 feed nothing
+
+
+def _known_model(seed=0):
+    """Linear(8,16) -> ReLU -> Linear(16,3); only hidden neurons 0..3 reach the output."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(0.3 * torch.randn(16, 8, generator=g))
+        model[0].bias.fill_(2.0)  # every hidden neuron is active on (almost) every input
+        model[2].weight.zero_()
+        # Each important neuron pushes its own pattern of logits; the others feed nothing.
+        model[2].weight[:, :IMPORTANT] = torch.tensor([[2.0, -1.0, 1.5, -2.0],
+                                                       [-1.5, 2.0, -1.0, 1.0],
+                                                       [0.5, -1.0, -2.0, 2.5]])
+        model[2].bias.zero_()
+    x = torch.randn(256, 8, generator=g)
+    y = model(x).argmax(-1)  # the model is perfect on its own labels
+    return model, x, y
+
+
+def _auc(important: torch.Tensor, other: torch.Tensor) -> float:
+    """P(score of an important unit > score of an unimportant one)."""
+    return (important[:, None] > other[None, :]).double().mean().item()
+
+
+@pytest.mark.parametrize("score,metric", [("attribution", "loss"), ("seed", "loss"),
+                                          ("seed", "accuracy"), ("attribution", "accuracy")])
+def test_neuron_estimators_find_the_important_units(score, metric):
+    model, x, y = _known_model()
+    search = TicketSearch(model, granularity="neuron", subsets=64, fraction=0.25, reset="zero",
+                          metric=metric, score=score, include=["0"])
+    for _ in range(8):
+        search.step(x, y)
+    sig = search.significance()["0.weight"]
+    assert sig.shape == (16,) and float(sig.min()) >= 0 and float(sig.max()) <= 1
+    assert _auc(sig[:IMPORTANT], sig[IMPORTANT:]) == 1.0
+
+
+def test_literal_seed_formula_ranks_backwards():
+    model, x, y = _known_model()
+    common = dict(granularity="neuron", subsets=64, fraction=0.25, reset="zero", metric="loss",
+                  score="seed", include=["0"])
+    intended, literal = TicketSearch(model, **common), TicketSearch(model, literal=True, **common)
+    for _ in range(6):
+        intended.step(x, y)
+        literal.step(x, y)
+    a, b = intended.significance()["0.weight"], literal.significance()["0.weight"]
+    assert _auc(a[:IMPORTANT], a[IMPORTANT:]) == 1.0
+    assert _auc(b[:IMPORTANT], b[IMPORTANT:]) == 0.0
+    # Same evidence, opposite direction: exactly mirrored rankings.
+    assert torch.equal(a.argsort(stable=True), (-b).argsort(stable=True))
+
+
+def test_weight_estimator_finds_weights_into_dead_neurons():
+    model, x, y = _known_model()
+    search = TicketSearch(model, granularity="weight", subsets=128, fraction=0.05, reset="zero",
+                          metric="loss", score="attribution", include=["0"])
+    for _ in range(20):
+        search.step(x, y)
+    sig = search.significance()["0.weight"]  # (16, 8): rows 4.. feed dead neurons
+    assert sig.shape == (16, 8)
+    # Weights into dead neurons have exactly zero effect; live ones matter in proportion to |w|,
+    # so the guarantee is about the strongest live weights, not all of them.
+    live, dead = sig[:IMPORTANT].flatten(), sig[IMPORTANT:].flatten()
+    top = sig.flatten().argsort(descending=True)[:8]
+    assert (top < IMPORTANT * 8).all()
+    strong = model[0].weight[:IMPORTANT].abs().flatten() > 0.3
+    assert _auc(live[strong], dead) > 0.95
+    assert live.mean() > 2 * dead.mean()
+
+
+def test_coverage_and_stderr_reported():
+    model, x, y = _known_model()
+    search = TicketSearch(model, granularity="neuron", subsets=32, fraction=0.2, metric="loss",
+                          score="attribution", include=["0"], reset="zero")
+    for _ in range(3):
+        search.step(x, y)
+    sig = search.significance()
+    cov = sig.coverage["0.weight"]
+    assert cov.dtype == torch.int64 and int(cov.sum()) > 0
+    assert abs(cov.double().mean().item() - 0.2 * 96) < 4 * (0.2 * 0.8 * 96) ** 0.5
+    assert torch.isfinite(sig.stderr["0.weight"]).all() and (sig.stderr["0.weight"] > 0).all()
+    assert sig.searches == 3 and sig.estimator == "attribution" and sig.granularity == "neuron"
+    assert sig.summary()["layers"]["0.weight"]["units"] == 16
+
+
+def test_unsampled_units_score_one_and_are_counted():
+    model, x, y = _known_model()
+    p = torch.full((16,), 0.3)
+    p[10:] = 0.0  # never sampled
+    search = TicketSearch(model, granularity="neuron", subsets=16, fraction={"0.weight": p},
+                          metric="loss", score="attribution", include=["0"], reset="zero")
+    search.step(x, y)
+    sig = search.significance()
+    assert (sig["0.weight"][10:] == 1.0).all() and (sig.coverage["0.weight"][10:] == 0).all()
+    assert sig.unsampled() == 6
+    with pytest.raises(bingo.BingoError, match="never"):
+        bingo.prune(model, sig, sparsity=0.9)
+
+
+def test_uninformative_metric_warns():
+    model, x, y = _known_model()
+    search = TicketSearch(model, granularity="neuron", subsets=8, fraction=0.2, include=["0"],
+                          exclude=None, metric="accuracy", score="seed")
+    with torch.no_grad():
+        model[2].weight.zero_()  # nothing can change the output now
+        model[2].bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+    search.step(x, torch.zeros_like(y))
+    with pytest.warns(UserWarning, match="never moved"):
+        search.significance()
+
+
+# --- evaluation paths ----------------------------------------------------------------------------
+
+class RowMixing(nn.Module):
+    """Subtracts the batch mean: rows are not independent, so the fast path is wrong here."""
+
+    def forward(self, x):
+        return x - x.mean(0, keepdim=True)
+
+
+class FunctionalMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 10), nn.Linear(10, 4)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def _run(model, x, y, path, granularity="weight", reset="zero"):
+    s = TicketSearch(model, granularity=granularity, subsets=12, fraction=0.3, metric="loss",
+                     score="attribution", path=path, reset=reset, include=None)
+    s.step(x, y)
+    return s
+
+
+@pytest.mark.parametrize("granularity", ["weight", "neuron"])
+@pytest.mark.parametrize("factory,shape", [
+    (FunctionalMLP, (20, 6)),
+    (lambda: lenet5(image_size=12), (10, 1, 12, 12)),
+])
+def test_fast_and_vmap_paths_agree(factory, shape, granularity):
+    torch.manual_seed(0)
+    model = factory()
+    x, y = torch.randn(*shape), torch.randint(0, 4, (shape[0],))
+    fast, vmap = _run(model, x, y, "fast", granularity), _run(model, x, y, "vmap", granularity)
+    auto = _run(model, x, y, "auto", granularity)
+    assert auto.path == "fast"
+    for key in fast.stats.per_unit:
+        assert torch.allclose(fast.stats.per_unit[key], vmap.stats.per_unit[key], atol=1e-4)
+
+
+def test_row_mixing_model_falls_back_to_vmap_with_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), RowMixing(), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    with pytest.warns(UserWarning, match="vmap fallback"):
+        auto = _run(model, x, y, "auto")
+    assert auto.path == "vmap" and "differ" in auto.path_reason
+    vmap = _run(model, x, y, "vmap")
+    assert torch.equal(auto.stats.per_unit["0.weight"], vmap.stats.per_unit["0.weight"])
+
+
+def test_multihead_attention_takes_the_vmap_path():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    torch.manual_seed(0)
+    model = Attn().eval()
+    x, y = torch.randn(6, 5, 8), torch.randint(0, 3, (6,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = _run(model, x, y, "auto")
+    assert s.path == "vmap"  # out_proj's weight is used without calling out_proj
+
+
+def test_chunking_over_k_does_not_change_results():
+    torch.manual_seed(0)
+    model = lenet_300_100(in_features=16)
+    x, y = torch.randn(32, 16), torch.randint(0, 10, (32,))
+    big = TicketSearch(model, subsets=40, fraction=0.1, metric="loss", score="attribution")
+    small = TicketSearch(model, subsets=40, fraction=0.1, metric="loss", score="attribution",
+                         memory_budget=200_000)
+    big.step(x, y)
+    small.step(x, y)
+    assert small.evaluator.chunk_size(x, 40) < big.evaluator.chunk_size(x, 40)
+    for key in big.stats.per_unit:
+        assert torch.allclose(big.stats.per_unit[key], small.stats.per_unit[key], atol=1e-5)
+
+
+def test_search_leaves_model_untouched_and_restores_mode():
+    model, x, y = _known_model()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    s = TicketSearch(model, granularity="weight", subsets=8, fraction=0.5)
+    s.step(x, y)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+# --- schedule: every, rewind, search data ---------------------------------------------------------
+
+def _train(model, search, steps, seed=0, lr=0.05):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    data = [(torch.randn(32, 16, generator=g), torch.randint(0, 10, (32,), generator=g))
+            for _ in range(steps)]
+    return opt, data
+
+
+def test_every_and_rewind_schedule():
+    torch.manual_seed(0)
+    model = lenet_300_100(in_features=16)
+    s = TicketSearch(model, subsets=4, fraction=0.1, every=3, reset="rewind", rewind_step=2)
+    assert s.init is None
+    opt, data = _train(model, s, 9)
+    ran = []
+    for x, y in data:
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if s.calls + 1 == 2:
+            expected_snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+        ran.append(s.step(x, y) is not None)
+    # Calls 1,4,7 are every-3rd; call 1 precedes the rewind snapshot taken at call 2.
+    assert ran == [False, False, False, True, False, False, True, False, False]
+    assert torch.equal(s.init["1.weight"], expected_snapshot["1.weight"])
+    assert s.searches == 2
+
+
+def test_separate_search_data():
+    torch.manual_seed(0)
+    model = lenet_300_100(in_features=16)
+    held_out = [(torch.randn(8, 16), torch.randint(0, 10, (8,))) for _ in range(2)]
+    s = TicketSearch(model, subsets=4, fraction=0.1, search_data=held_out)
+    s.step()
+    s.step(torch.randn(3, 16), torch.randint(0, 10, (3,)))  # training batch ignored
+    assert s.searches == 2
+
+
+# --- resume --------------------------------------------------------------------------------------
+
+def _training_run(steps, save_at=None, path=None, resume_from=None):
+    torch.manual_seed(1)
+    model = lenet_300_100(in_features=16)
+    search = TicketSearch(model, granularity="weight", subsets=16, fraction=0.05, metric="loss",
+                          score="attribution", seed=7)
+    opt, data = _train(model, search, steps)
+    start = 0
+    if resume_from is not None:
+        ckpt = torch.load(resume_from[0])
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        search.load(resume_from[1])
+        start = search.calls
+    for i, (x, y) in enumerate(data[start:], start):
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        search.step(x, y)
+        if save_at is not None and i + 1 == save_at:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path[0])
+            search.save(path[1])
+            return None
+    return search.significance()
+
+
+def test_state_dict_round_trip_resumes_identically(tmp_path):
+    paths = (tmp_path / "train.pt", tmp_path / "search.pt")
+    uninterrupted = _training_run(10)
+    _training_run(10, save_at=4, path=paths)
+    resumed = _training_run(10, resume_from=paths)
+    for key in uninterrupted:
+        assert torch.equal(uninterrupted[key], resumed[key])
+        assert torch.equal(uninterrupted.coverage[key], resumed.coverage[key])
+
+
+def test_load_state_dict_rejects_other_model_config_and_corrupt_files(tmp_path):
+    torch.manual_seed(0)
+    model = lenet_300_100(in_features=16)
+    s = TicketSearch(model, subsets=4)
+    s.step(torch.randn(8, 16), torch.randint(0, 10, (8,)))
+    state = s.state_dict()
+    with pytest.raises(CheckpointError, match="different model"):
+        TicketSearch(lenet_300_100(in_features=20), subsets=4).load_state_dict(state)
+    with pytest.raises(CheckpointError, match="subsets"):
+        TicketSearch(model, subsets=8).load_state_dict(state)
+    with pytest.raises(CheckpointError, match="format"):
+        TicketSearch(model, subsets=4).load_state_dict({"stats": {}})
+    broken = dict(state, stats={k: v[:3] for k, v in state["stats"].items()})
+    with pytest.raises(CheckpointError, match="corrupt"):
+        TicketSearch(model, subsets=4).load_state_dict(broken)
+    incomplete = {k: v for k, v in state.items() if k != "totals"}
+    with pytest.raises(CheckpointError, match="incomplete"):
+        TicketSearch(model, subsets=4).load_state_dict(incomplete)
+    path = tmp_path / "s.pt"
+    s.save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        TicketSearch(model, subsets=4).load(path)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        TicketSearch(model, subsets=4).load(path)
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+def test_no_prunable_layers():
+    with pytest.raises(NoPrunableLayersError, match="no nn.Linear"):
+        TicketSearch(nn.Sequential(nn.ReLU(), nn.Tanh()))
+    with pytest.raises(NoPrunableLayersError, match="leave no layer"):
+        TicketSearch(lenet_300_100(), exclude=["*"])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(granularity="row"), "granularity"), (dict(reset="random"), "reset"),
+    (dict(metric="f1"), "metric"), (dict(score="shapley"), "score"),
+    (dict(subsets=0), "subsets"), (dict(fraction=0.0), "fraction"), (dict(fraction=1.5), "fraction"),
+    (dict(every=0), "every"), (dict(seed=-1), "seed"), (dict(backend="tpu"), "backend"),
+    (dict(reset="rewind"), "rewind_step"), (dict(rewind_step=3), "rewind_step"),
+    (dict(literal=True, score="attribution"), "literal"), (dict(path="jit"), "path"),
+    (dict(include=["nope"]), "matches no"), (dict(fraction={"1.weight": torch.ones(3)}), "keys"),
+])
+def test_unknown_options_are_named(kwargs, match):
+    with pytest.raises(InvalidOptionError, match=match):
+        TicketSearch(lenet_300_100(), **kwargs)
+
+
+def test_unavailable_backend_is_explained():
+    import bingo_kernels as bk
+    if bk.unavailable_reason("triton") is None:
+        pytest.skip("triton can run here")
+    with pytest.raises(bingo.BackendUnavailableError, match="triton"):
+        TicketSearch(lenet_300_100(), backend="triton")
+
+
+def test_input_mismatches_are_named():
+    model = lenet_300_100(in_features=16)
+    s = TicketSearch(model, subsets=2)
+    y = torch.randint(0, 10, (4,))
+    with pytest.raises(InputMismatchError, match="forward failed"):
+        s.step(torch.randn(4, 17), y)
+    with pytest.raises(InputMismatchError, match="dtype"):
+        s.step(torch.randn(4, 16, dtype=torch.float64), y)
+    with pytest.raises(InputMismatchError, match="meta"):
+        s.step(torch.randn(4, 16, device="meta"), y)
+    with pytest.raises(InputMismatchError, match="batch"):
+        s.step(torch.randn(4, 16), torch.randint(0, 10, (5,)))
+    with pytest.raises(InputMismatchError, match="integer"):
+        s.step(torch.randn(4, 16), torch.rand(4))
+    with pytest.raises(InputMismatchError, match="two tensors"):
+        s.step()
+
+
+def test_nan_weights_and_nan_metrics_are_named():
+    model = lenet_300_100(in_features=16)
+    s = TicketSearch(model, subsets=2)
+    x, y = torch.randn(4, 16), torch.randint(0, 10, (4,))
+    with torch.no_grad():
+        model[3].weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="3.weight"):
+        s.step(x, y)
+    with torch.no_grad():
+        model[3].weight[0, 0] = 0.0
+    s.step(x, y)
+    bad = TicketSearch(model, subsets=2)
+    with pytest.raises(NonFiniteError, match="loss"):
+        bad.step(torch.full((4, 16), float("inf")), y)
+    model[1].weight.data[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="snapshot"):
+        TicketSearch(model)
