@@ -35,13 +35,15 @@ from bingo.errors import (
     UnreachableFloorError,
     require_option,
 )
+from bingo.units import LAYER_KINDS
 
 __all__ = ["PruneResult", "StructuredResult", "prune", "shrink_mlp"]
 
 EvalFn = Callable[[nn.Module], float]
 
-# Module types whose weights carry scores. Both keep output units on dim 0 of the weight.
-PRUNABLE_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+# Module types whose weights carry scores (subclasses too, as in find_units). Both keep output
+# units on dim 0 of the weight.
+PRUNABLE_MODULES: tuple[type[nn.Module], ...] = tuple(LAYER_KINDS)
 
 # Modules shrink_mlp may pass through: they act on each feature independently, so a removed
 # neuron's constant output can be folded into the next layer's bias. Exact types only: a
@@ -203,7 +205,7 @@ def _check_key(key: str, model: nn.Module, params: Mapping[str, Tensor]) -> tupl
             f"(parameters: {', '.join(list(params)[:8])}{', ...' if len(params) > 8 else ''})"
         )
     module_name, module = _module_of(model, key)
-    if key.rpartition(".")[2] != "weight" or type(module) not in PRUNABLE_MODULES:
+    if key.rpartition(".")[2] != "weight" or not isinstance(module, PRUNABLE_MODULES):
         kinds = " or ".join(f"nn.{t.__name__}" for t in PRUNABLE_MODULES)
         raise InputMismatchError(
             f"score key '{key}' is not the weight of an {kinds} "

@@ -104,8 +104,8 @@ def find_units(model: nn.Module, granularity: str = "weight", include=None,
         exclude: names or patterns removed from the selection.
     """
     require_option("granularity", granularity, GRANULARITIES)
-    candidates = [(name, m) for name, m in model.named_modules() if type(m) in LAYER_KINDS
-                  or isinstance(m, tuple(LAYER_KINDS))]
+    candidates = [(name, m) for name, m in model.named_modules()
+                  if isinstance(m, tuple(LAYER_KINDS))]
     names = [n for n, _ in candidates]
     if not candidates:
         raise NoPrunableLayersError(

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bingo_kernels import InputMismatchError, SubsetMasks, subset_mask
+from bingo_kernels import hashing
 from bingo_kernels.hashing import subset_key_int
 
 M = 0xFFFFFFFF
@@ -41,6 +42,20 @@ def test_matches_pure_python_spec(seed, search, k_start, offset, p):
     assert torch.equal(m, expected)
     assert subset_key_int(seed, search, k_start) == _mix(_mix(_mix(seed ^ 0x9E3779B9) ^ search)
                                                          ^ k_start)
+
+
+@pytest.mark.parametrize("impl", [hashing._subset_mask_numpy, hashing._subset_mask_torch])
+@pytest.mark.parametrize("prob", [0.3, "per-unit"])
+def test_both_implementations_match_the_oracle(impl, prob):
+    """The numpy (CPU) and int64-emulation (other devices) paths are the same spec."""
+    K, U, offset = 6, 700, 2**33 + 5
+    p = torch.rand(U) if prob == "per-unit" else prob
+    thresholds = hashing.inclusion_threshold(p, U)
+    got = impl(99, 12, 40, K, offset, thresholds)
+    pv = p.tolist() if prob == "per-unit" else [p] * U
+    expected = torch.tensor([[_oracle(99, 12, 40 + k, offset + u, pv[u]) for u in range(U)]
+                             for k in range(K)])
+    assert torch.equal(got, expected)
 
 
 def test_deterministic_and_tiling_invariant():

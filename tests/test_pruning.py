@@ -631,3 +631,16 @@ def test_structured_auto_skips_when_final_outputs_are_pruned():
     assert result.structured is None
     with pytest.raises(InputMismatchError, match="final nn.Linear"):
         prune(model, scores, sparsity=0.1, structured=True, progress=False)
+
+
+def test_subclassed_linear_layers_are_prunable_like_in_find_units():
+    """Scores for a subclass of nn.Linear (e.g. MultiheadAttention's out_proj) are accepted."""
+
+    class MyLinear(nn.Linear):
+        pass
+
+    model = nn.Sequential(MyLinear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    scores = {"0.weight": torch.rand(5, 6), "2.weight": torch.rand(3, 5)}
+    result = prune(model, scores, sparsity=0.5, progress=False)
+    assert result.pruned_units == 22
+    assert hasattr(result.model[0], "weight_mask")

@@ -1,0 +1,58 @@
+"""Magnitude pruning scores: keep the largest weights (or the strongest neurons).
+
+* ``granularity="weight"``: the score of a weight is ``|w|``, compared globally across layers
+  (global magnitude pruning).
+* ``granularity="neuron"``: the score of an output row (or conv channel) is the L2 norm of its
+  weights together with its bias entry, divided by the mean of those norms over its layer. Raw
+  norms are not comparable across layers: a layer with many inputs has larger rows, and its
+  initialisation scale (~1/sqrt(fan_in)) differs, so a global ranking of raw norms would empty the
+  layer with the smallest rows first. Dividing by the layer mean ranks each neuron against its own
+  layer's typical neuron, so a globally chosen sparsity spreads over all layers.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from bingo.units import UnitGroup, find_units
+
+# Keeps an all-zero layer's scores at 0 instead of 0/0.
+_TINY = 1e-12
+
+
+def _row_norms(group: UnitGroup) -> Tensor:
+    weight = group.module.weight.detach()
+    squares = weight.double().pow(2).reshape(weight.shape[0], -1).sum(1)
+    bias = group.module.bias
+    if bias is not None:
+        squares = squares + bias.detach().double().pow(2)
+    return squares.sqrt()
+
+
+def _weight_scores(group: UnitGroup) -> Tensor:
+    return group.module.weight.detach().abs().float()
+
+
+def _neuron_scores(group: UnitGroup) -> Tensor:
+    norms = _row_norms(group)
+    return (norms / norms.mean().clamp_min(_TINY)).float()
+
+
+# Granularity -> per-layer score function.
+_SCORERS = {"weight": _weight_scores, "neuron": _neuron_scores}
+
+
+def magnitude(model: nn.Module, granularity: str = "weight", include=None,
+              exclude=None) -> dict[str, Tensor]:
+    """Magnitude scores of ``model``'s units (higher = keep); see the module docstring.
+
+    Args:
+        model: the trained network.
+        granularity: ``"weight"`` (``|w|``) or ``"neuron"`` (layer-normalised row norm).
+        include, exclude: layer names or patterns, as for :func:`bingo.units.find_units`.
+
+    Returns:
+        ``{weight parameter name: float32 scores}`` on each weight's device.
+    """
+    score = _SCORERS[granularity]
+    return {g.param_name: score(g) for g in find_units(model, granularity, include, exclude).groups}
