@@ -9,7 +9,7 @@ baselines:
 * the sparsity reached when pruning to the floor dense validation accuracy - 0.01, and
 * the mean validation accuracy over the demo's sparsity grid (0.1 ... 0.98).
 
-Usage (about 2 minutes on 2 CPU cores for the weight run, under a minute for neuron)::
+Usage (both runs together took under 12 minutes on 2 CPU cores, sharing them with other work)::
 
     python docs/compare_estimators.py --granularity weight --seeds 0 1 2
     python docs/compare_estimators.py --granularity neuron --seeds 0 1 2 --all-pairs
