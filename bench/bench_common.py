@@ -95,6 +95,17 @@ def run_header(env: dict) -> dict:
             "platform": platform.platform()}
 
 
+def start_run(args) -> tuple[torch.device, dict, str]:
+    """Device, environment record and header of a benchmark run, from its ``--device``/``--threads``."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = environment(device)
+    return device, env, run_header(env)
+
+
 def load_average() -> str:
     try:
         return " ".join(f"{v:.2f}" for v in os.getloadavg())

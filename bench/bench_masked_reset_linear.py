@@ -577,13 +577,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    env = bc.environment(device)
-    header = bc.run_header(env)
+    device, env, header = bc.start_run(args)
     args.mem_cap_bytes = (args.mem_cap_gb * 2**30 if args.mem_cap_gb
                           else 0.5 * bc.available_memory_bytes(device))
     name = args.name or f"{args.preset}-{env['date'][:10]}"

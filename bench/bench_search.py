@@ -335,13 +335,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    env = bc.environment(device)
-    header = bc.run_header(env)
+    device, env, header = bc.start_run(args)
     name = args.name or f"search-{args.preset}-{env['date'][:10]}"
     writer = bc.ResultWriter(env, Path(args.out_dir), name, append=args.append)
     started = time.perf_counter()
