@@ -95,7 +95,7 @@ def run_header(env: dict) -> dict:
             "platform": platform.platform()}
 
 
-def start_run(args) -> tuple[torch.device, dict, str]:
+def start_run(args) -> tuple[torch.device, dict, dict]:
     """Device, environment record and header of a benchmark run, from its ``--device``/``--threads``."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
