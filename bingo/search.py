@@ -20,12 +20,10 @@ statistics.
 from __future__ import annotations
 
 import copy
-import itertools
-import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Iterable, Mapping, Optional, Union
 
 import torch
@@ -36,7 +34,7 @@ import bingo_kernels as bk
 from .errors import (CheckpointError, InputMismatchError, InvalidOptionError, NonFiniteError,
                      require_option)
 from .estimators import (Significance, UnitStatistics, make_estimator, significance_from)
-from .executor import PATHS, BatchedEvaluator, Design, Metrics
+from .executor import PATHS, BatchedEvaluator, Design
 from .units import GRANULARITIES, UnitLayout, find_units
 
 STATE_FORMAT = "bingo.TicketSearch"
@@ -120,7 +118,8 @@ class TicketSearch:
     Args:
         model: the network being trained. Its nn.Linear / nn.Conv2d layers hold the units.
         search_data: optional iterable of ``(inputs, targets)`` batches to search on instead of the
-            training batch (cycled; restarts from its beginning after ``load_state_dict``).
+            training batch (iterated again at the end of each pass, so a shuffling DataLoader
+            reshuffles; restarts from its beginning after ``load_state_dict``).
         Other keyword arguments: the fields of :class:`SearchConfig`.
 
     Attributes:
@@ -249,9 +248,7 @@ class TicketSearch:
 
     def _search_batch(self, inputs, targets) -> tuple[Tensor, Tensor]:
         if self.search_data is not None:
-            if self._search_iter is None:
-                self._search_iter = itertools.cycle(self.search_data)
-            batch = next(self._search_iter)
+            batch = self._next_search_batch()
             inputs, targets = batch[0], batch[1]
         if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
             raise InputMismatchError(
@@ -271,6 +268,18 @@ class TicketSearch:
                 f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must share the "
                 "batch dimension")
         return inputs, targets
+
+    def _next_search_batch(self):
+        # Re-iterates search_data at the end of each pass rather than replaying stored batches
+        # (itertools.cycle would keep every batch in memory and freeze a DataLoader's shuffle).
+        for fresh in (False, True):
+            if self._search_iter is None or fresh:
+                self._search_iter = iter(self.search_data)
+            try:
+                return next(self._search_iter)
+            except StopIteration:
+                continue
+        raise InputMismatchError("search_data yielded no batch")
 
     def _check_weights(self) -> None:
         for g in self.layout.groups:
@@ -309,8 +318,8 @@ class TicketSearch:
             sums = bk.subset_unit_sums(columns.float(), design.masks(self.layout, g, 0,
                                                                      design.num_subsets),
                                        g.num_units, backend=self.config.backend)
-            # The count column is exact in float32 (K <= 2**24); the others are re-based in
-            # float64 so that long runs do not lose precision.
+            # One search's sums are float32 (counts exact up to 2**24 subsets); the running
+            # totals over searches are float64 so that long runs do not lose precision.
             self.stats.per_unit[g.param_name] += sums.double()
         self.stats.totals += columns.sum(0)
 

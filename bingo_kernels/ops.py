@@ -16,8 +16,8 @@ from torch import Tensor
 
 from . import reference
 from .backends import backend_op, resolve_backend
-from .errors import InputMismatchError, require_option
-from .subsets import GRANULARITIES, SubsetMasks
+from .errors import InputMismatchError
+from .subsets import SubsetMasks
 
 Masks = Union[SubsetMasks, Tensor]
 
@@ -283,4 +283,4 @@ def subset_unit_sums(values: Tensor, masks: Masks, num_units: int, *,
 
 
 __all__ = ["masked_reset_linear", "masked_reset_conv2d", "subset_metrics", "subset_unit_sums",
-           "CUSTOM_OPS", "GRANULARITIES", "require_option"]
+           "CUSTOM_OPS"]

@@ -50,15 +50,6 @@ class SubsetMasks:
         elif self.prob.numel() and not bool(((self.prob >= 0) & (self.prob <= 1)).all()):
             raise InputMismatchError("per-unit inclusion probabilities must all lie in [0, 1]")
 
-    def units_of(self, weight_shape) -> int:
-        """How many units a weight of ``weight_shape`` has at this granularity."""
-        if self.granularity == "neuron":
-            return int(weight_shape[0])
-        n = 1
-        for d in weight_shape:
-            n *= int(d)
-        return n
-
     def materialize(self, num_units: int, device=None, k_start: int | None = None,
                     num_subsets: int | None = None) -> torch.Tensor:
         """Bool masks ``(num_subsets, num_units)`` (or a sub-block of k): True = reset."""

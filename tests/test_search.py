@@ -393,3 +393,25 @@ def test_nan_weights_and_nan_metrics_are_named():
     model[1].weight.data[0, 0] = float("inf")
     with pytest.raises(NonFiniteError, match="snapshot"):
         TicketSearch(model)
+
+
+def test_search_data_is_reiterated_each_pass_not_replayed():
+    """A new pass over search_data starts when one ends (a DataLoader would reshuffle here)."""
+
+    class Passes:
+        def __init__(self):
+            self.started = 0
+
+        def __iter__(self):
+            self.started += 1
+            g = torch.Generator().manual_seed(self.started)
+            return iter([(torch.randn(4, 16, generator=g), torch.randint(0, 10, (4,), generator=g))
+                         for _ in range(2)])
+
+    data = Passes()
+    s = TicketSearch(lenet_300_100(in_features=16), subsets=2, search_data=data)
+    for _ in range(5):
+        s.step()
+    assert data.started == 3 and s.searches == 5
+    with pytest.raises(InputMismatchError, match="no batch"):
+        TicketSearch(lenet_300_100(in_features=16), subsets=2, search_data=[]).step()
