@@ -5,7 +5,31 @@ layer: shaped like the weight at ``granularity="weight"``, ``(out_features,)`` a
 higher means keep. Layers are chosen with :func:`bingo.units.find_units`, so a baseline scores
 exactly the layers a ticket search with the same ``include``/``exclude`` would (at neuron
 granularity that leaves out the output layer by default), and :func:`bingo.prune` takes the result
-as it takes a significance.
+as it takes a significance. All work on nn.Linear and nn.Conv2d layers (a neuron is an output row
+or conv channel, with its bias entry).
+
+============================  ============================================  ======================
+name (module)                 estimates                                     cost
+============================  ============================================  ======================
+``magnitude`` (magnitude)     ``|w|``; neurons: row norm / layer mean       weights only
+``random`` (random)           uniform noise (the floor to beat)             none
+``lamp`` (lamp)               layer-adaptive magnitude (Lee et al. 2021)    one sort per layer
+``magnitude_increase``        ``|w| - |w0|`` (Zhou et al. 2019); needs      weights only
+(magnitude_increase)          ``initial=``
+``taylor`` (taylor)           first-order Taylor ``|w dL/dw|``; neurons     free during training
+                              Molchanov et al. 2017/2019; needs             (hooks), or one
+                              ``accumulator=`` or ``data=``                 backward per batch
+``shapley`` (shapley)         Monte-Carlo Shapley value, zero baseline,     ``samples`` forward
+                              via TicketSearch semivalues; needs ``data=``  passes over ``data``
+``imp`` (imp)                 iterative magnitude pruning with rewinding    ``rounds`` trainings
+                              (Frankle & Carbin 2019); needs ``train_fn=``,
+                              ``rewind_state=``, ``rounds=``
+============================  ============================================  ======================
+
+Beyond the registry: :class:`TaylorAccumulator` (attach during training), :func:`imp` /
+:class:`IMPResult` / :class:`IMPRound` (per-round masks, accuracies, timings and states).
+Shared helpers (row norms, layer normalisation, checking reference states) live in
+``bingo/baselines/_common.py``.
 
 Register a new baseline by adding it to :data:`BASELINES`; every entry accepts
 ``(model, granularity="weight", include=None, exclude=None, **options)``.
@@ -20,14 +44,24 @@ from torch import Tensor, nn
 
 from bingo.errors import InvalidOptionError, require_option
 
+from .imp import IMPResult, IMPRound, imp, imp_scores
+from .lamp import lamp
 from .magnitude import magnitude
+from .magnitude_increase import magnitude_increase
 from .random import random_scores
+from .shapley import shapley
+from .taylor import TaylorAccumulator, taylor
 
 Scores = dict[str, Tensor]
 
 BASELINES: dict[str, Callable[..., Scores]] = {
     "magnitude": magnitude,
     "random": random_scores,
+    "lamp": lamp,
+    "magnitude_increase": magnitude_increase,
+    "taylor": taylor,
+    "shapley": shapley,
+    "imp": imp_scores,
 }
 """Name -> scoring function (see the module docstring for the common signature)."""
 
@@ -48,4 +82,6 @@ def baseline_scores(name: str, model: nn.Module, granularity: str = "weight", **
     return function(model, granularity=granularity, **options)
 
 
-__all__ = ["BASELINES", "Scores", "baseline_scores", "magnitude", "random_scores"]
+__all__ = ["BASELINES", "IMPResult", "IMPRound", "Scores", "TaylorAccumulator", "baseline_scores",
+           "imp", "imp_scores", "lamp", "magnitude", "magnitude_increase", "random_scores",
+           "shapley", "taylor"]

@@ -1,5 +1,9 @@
 """Magnitude pruning scores: keep the largest weights (or the strongest neurons).
 
+Estimates: nothing data-dependent; the weight itself stands in for importance (the classic
+baseline of Han et al. 2015, "Learning both Weights and Connections"). Cost: one pass over the
+weights, no data.
+
 * ``granularity="weight"``: the score of a weight is ``|w|``, compared globally across layers
   (global magnitude pruning).
 * ``granularity="neuron"``: the score of an output row (or conv channel) is the L2 norm of its
@@ -16,17 +20,7 @@ from torch import Tensor, nn
 
 from bingo.units import UnitGroup, find_units
 
-# Keeps an all-zero layer's scores at 0 instead of 0/0.
-_TINY = 1e-12
-
-
-def _row_norms(group: UnitGroup) -> Tensor:
-    weight = group.module.weight.detach()
-    squares = weight.double().pow(2).reshape(weight.shape[0], -1).sum(1)
-    bias = group.module.bias
-    if bias is not None:
-        squares = squares + bias.detach().double().pow(2)
-    return squares.sqrt()
+from ._common import group_row_norms, layer_normalised
 
 
 def _weight_scores(group: UnitGroup) -> Tensor:
@@ -34,8 +28,7 @@ def _weight_scores(group: UnitGroup) -> Tensor:
 
 
 def _neuron_scores(group: UnitGroup) -> Tensor:
-    norms = _row_norms(group)
-    return (norms / norms.mean().clamp_min(_TINY)).float()
+    return layer_normalised(group_row_norms(group))
 
 
 # Granularity -> per-layer score function.

@@ -1,4 +1,9 @@
-"""Random pruning scores: the floor any informed ranking must beat."""
+"""Random pruning scores: the floor any informed ranking must beat.
+
+Estimates nothing (uniform noise); a ranking that does not beat it carries no information.
+Cost: one draw per unit, no data. No paper: the standard control in pruning studies (e.g.
+Frankle & Carbin 2019 compare winning tickets with random pruning / reinitialisation).
+"""
 
 from __future__ import annotations
 
