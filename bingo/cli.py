@@ -1,4 +1,4 @@
-"""The ``bingo`` command line: ``bingo demo``, ``bingo --version``.
+"""The ``bingo`` command line: ``bingo demo``, ``bingo experiment``, ``bingo --version``.
 
 Subcommands live in :data:`COMMANDS`; a new one (``experiment``, ...) is one more entry: a help
 line, a function adding its flags to its parser, and a function running it that returns the exit
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 from bingo import __version__, demo
+from bingo.experiment import command as experiment
 from bingo.errors import BingoError
 
 PROG = "bingo"
@@ -46,6 +47,13 @@ COMMANDS: dict[str, Command] = {
                     "LeNet-300-100 with a ticket search, prune it to an accuracy floor, and "
                     "compare its accuracy-vs-sparsity curve with magnitude and random pruning. "
                     "Writes report.json and a PNG plot into --out."),
+    "experiment": Command(
+        help="reproduce the seed paper's MNIST experiment: BINGO vs IMP vs one-shot criteria",
+        add_arguments=experiment.add_arguments, run=experiment.main,
+        description="Train LeNet-300-100 once per seed with ticket searches attached (main "
+                    "setting and ablations), compute every baseline criterion and IMP with "
+                    "rewinding, and report floors, accuracy curves, fine-tuning, cost and overlap "
+                    "with IMP as JSON, markdown and plots in --out. --quick is a smoke test."),
 }
 
 

@@ -428,10 +428,11 @@ def split_dataset(
     Sizes: the cumulative fractions are rounded to row counts, so they add up to ``len(dataset)``
     exactly. The same dataset, fractions and seed give the same split on every machine.
 
-    MNIST experiments use the 10k official *test* images split 60/20/20 into
-    train/val/test (6000/2000/2000) with ``seed=0``, because the 60k official training
-    files are not available on these machines. Results are therefore not directly comparable
-    to numbers trained on the 60k set.
+    On these machines MNIST is the 10k official *test* images only (the 60k training files are
+    not available): ``bingo demo --dataset mnist`` splits them 60/20/20 (6000/2000/2000), and
+    ``bingo experiment`` sets the last sixth of this train part aside as a held-out search set
+    (:mod:`bingo.experiment.splits`). Results are therefore not directly comparable to numbers
+    trained on the 60k set.
 
     Raises:
         InputMismatchError: not a TensorDataset, or a subset would be empty.

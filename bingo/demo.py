@@ -13,13 +13,8 @@ The default dataset is scikit-learn's bundled 8x8 digits, so the demo needs no d
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import datetime
 import json
-import os
-import platform
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -32,6 +27,7 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 import bingo
+from bingo import training
 from bingo.baselines import baseline_scores
 from bingo.data import DATASETS, load_dataset, make_loader, split_dataset
 from bingo.errors import InvalidOptionError
@@ -39,6 +35,8 @@ from bingo.estimators import ESTIMATORS, METRICS
 from bingo.models import model_for
 from bingo.plots import accuracy_vs_sparsity
 from bingo.search import RESETS
+from bingo.training import (TrainStats, accuracy, environment, nonzero_parameters,
+                            torch_threads)
 from bingo.units import GRANULARITIES
 
 SPARSITY_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
@@ -131,62 +129,12 @@ def quick(config: DemoConfig) -> DemoConfig:
 # --------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, dataset: TensorDataset) -> float:
-    """Top-1 accuracy of ``model`` on the whole of ``dataset`` (one batch; eval mode)."""
-    was_training = model.training
-    model.eval()
-    try:
-        inputs, targets = dataset.tensors
-        return float((model(inputs).argmax(-1) == targets).double().mean())
-    finally:
-        model.train(was_training)
-
-
-@dataclass
-class TrainStats:
-    """What training measured."""
-
-    steps: int
-    """Optimizer steps taken."""
-    train_seconds: float
-    """Wall time of forward, backward and optimizer steps only (the ticket search excluded)."""
-    final_loss: float
-    """Mean training loss of the last epoch."""
-
-
 def train(model: nn.Module, search: bingo.TicketSearch, train_set: TensorDataset,
           config: DemoConfig) -> TrainStats:
     """Train with Adam, calling ``search.step`` after every optimizer step; times both apart."""
     loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    criterion = nn.CrossEntropyLoss()
-    model.train()
-    steps, seconds, epoch_loss = 0, 0.0, 0.0
-    bar = tqdm(total=config.epochs * len(loader), desc="train + ticket search", unit="step",
-               disable=not config.progress)
-    with bar:
-        for epoch in range(config.epochs):
-            losses = []
-            for inputs, targets in loader:
-                start = time.perf_counter()
-                loss = criterion(model(inputs), targets)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                seconds += time.perf_counter() - start
-                search.step(inputs, targets)  # timed by the search itself (search.seconds)
-                losses.append(loss.item())
-                steps += 1
-                bar.update()
-            epoch_loss = sum(losses) / len(losses)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.3f}", searches=search.searches)
-    return TrainStats(steps=steps, train_seconds=seconds, final_loss=epoch_loss)
-
-
-def nonzero_parameters(state: dict, names) -> int:
-    """Nonzero entries of the tensors ``state[name]`` for ``name`` in ``names``."""
-    return sum(int(torch.count_nonzero(state[name])) for name in names)
+    return training.train(model, loader, config.epochs, config.lr, after_step=[search.step],
+                          progress=config.progress, desc="train + ticket search")
 
 
 def rankings(model: nn.Module, scores: dict, config: DemoConfig) -> dict[str, dict]:
@@ -243,32 +191,6 @@ def summarize(result: bingo.PruneResult, test_set: TensorDataset, param_names) -
                 total_units=result.total_units,
                 nonzero_parameters=nonzero_parameters(result.export_state_dict(), param_names),
                 structured=structured)
-
-
-def environment() -> dict:
-    """Machine and library versions, for the report."""
-    import numpy
-    import sklearn
-
-    return dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        platform=platform.platform(), machine=platform.machine(),
-        processor=platform.processor() or None, cpu_count=os.cpu_count(),
-        torch_threads=torch.get_num_threads(), python=sys.version.split()[0],
-        torch=torch.__version__, numpy=numpy.__version__, sklearn=sklearn.__version__,
-        bingo=bingo.__version__)
-
-
-@contextlib.contextmanager
-def torch_threads(threads: Optional[int]):
-    """Use ``threads`` intra-op threads inside the block (None: leave torch's setting)."""
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def run(config: DemoConfig) -> dict:

@@ -1,0 +1,58 @@
+"""The one-shot pruning criteria the experiment compares, as a registry.
+
+Each entry turns the trained model and what training recorded (:class:`TrainedRun`) into a score
+dict (higher = keep) for one granularity. BINGO's own rankings come from the ticket searches that
+rode along with training (main setting and ablations); they are added by the runner, not here.
+IMP is not one-shot: the runner runs it separately (:mod:`bingo.baselines.imp`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from bingo.baselines import baseline_scores
+
+Scores = dict[str, Tensor]
+
+
+@dataclass
+class TrainedRun:
+    """The trained model and what the criteria need from its training run."""
+
+    model: nn.Module
+    """The trained dense model (never modified by a criterion)."""
+    initial_state: dict
+    """Parameter name -> weights at initialisation (W0)."""
+    taylor: dict = field(default_factory=dict)
+    """Granularity -> TaylorAccumulator that was attached during training."""
+    score_data: TensorDataset = None
+    """Training images on which data-driven criteria evaluate the final weights (Shapley)."""
+    seed: int = 0
+    """Seed of the run (random baseline, Shapley hash)."""
+    shapley_samples: int = 1024
+    """Coalitions evaluated by the Shapley baseline."""
+
+
+Criterion = Callable[[TrainedRun, str], Scores]
+
+CRITERIA: dict[str, Criterion] = {
+    "magnitude": lambda run, g: baseline_scores("magnitude", run.model, g),
+    "lamp": lambda run, g: baseline_scores("lamp", run.model, g),
+    "magnitude-increase": lambda run, g: baseline_scores(
+        "magnitude_increase", run.model, g, initial=run.initial_state),
+    "taylor": lambda run, g: baseline_scores("taylor", run.model, g,
+                                             accumulator=run.taylor[g]),
+    "shapley": lambda run, g: baseline_scores(
+        "shapley", run.model, g, data=run.score_data.tensors, samples=run.shapley_samples,
+        seed=run.seed),
+    "random": lambda run, g: baseline_scores("random", run.model, g, seed=run.seed),
+}
+"""Criterion name -> ``(run, granularity) -> scores``; the tables list them in this order."""
+
+TRAINING_HOOKED = ("taylor",)
+"""Criteria whose evidence is gathered by hooks inside the training steps (their cost is part of
+the measured training time; the report measures it apart, see ``runner._hook_overhead``)."""

@@ -1,0 +1,334 @@
+"""Aggregates the per-seed measurements into tables (mean ± std), targets, JSON and plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+from typing import Iterable, Optional
+
+from bingo import plots
+
+from .runner import IMP, MAIN
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+CURVES_PNG = "accuracy_vs_sparsity.png"
+TIME_PNG = "wall_time.png"
+HISTOGRAM_PNG = "significance_histograms.png"
+SEED_PAPER = dict(bingo_pruned=0.20, imp_pruned=0.96, bingo_time="8:47", imp_time="13:05",
+                  overlap=0.45)
+"""The seed paper's MNIST claims, shown beside our measured counterparts."""
+
+
+def jsonable(config) -> dict:
+    """The config as plain JSON types."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=list))
+
+
+def mean_std(values: Iterable[Optional[float]]) -> Optional[dict]:
+    """``{"mean", "std", "n"}`` of the non-None values (std 0 for one value), or None."""
+    present = [float(v) for v in values if v is not None]
+    if not present:
+        return None
+    std = statistics.stdev(present) if len(present) > 1 else 0.0
+    return dict(mean=statistics.fmean(present), std=std, n=len(present))
+
+
+def _methods(report: dict, granularity: str) -> list[str]:
+    names = []
+    for seed in report["seeds"]:
+        for name in seed["granularities"][granularity]["methods"]:
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _per_seed(report: dict, granularity: str, method: str) -> list[dict]:
+    return [s["granularities"][granularity]["methods"][method] for s in report["seeds"]
+            if method in s["granularities"][granularity]["methods"]]
+
+
+def _floor_key(drop: float) -> str:
+    return f"{drop:g}"
+
+
+def summarize(report: dict) -> dict:
+    """Mean ± std over seeds of every reported number, the targets and the seed-paper table."""
+    config = report["config"]
+    sparsities = config["sparsities"]
+    out = dict(granularities={})
+    for granularity in config["granularities"]:
+        dense = [s["dense"]["test_accuracy"] for s in report["seeds"]]
+        rows = {}
+        for method in _methods(report, granularity):
+            runs = _per_seed(report, granularity, method)
+            row = dict(kind=runs[0]["kind"], seeds=len(runs),
+                       extra_seconds=mean_std(r["extra_seconds"] for r in runs),
+                       training_equivalents=mean_std(r["training_equivalents"] for r in runs),
+                       floors={}, curve={}, finetune={}, imp_overlap={})
+            for drop in config["floor_drops"]:
+                key = _floor_key(drop)
+                row["floors"][key] = dict(
+                    sparsity=mean_std(r["floors"][key]["sparsity"] for r in runs),
+                    test_accuracy=mean_std(r["floors"][key]["test_accuracy"] for r in runs))
+            for i, sparsity in enumerate(sparsities):
+                row["curve"][f"{sparsity:g}"] = mean_std(r["curve"][i] for r in runs)
+                if method == IMP:
+                    row.setdefault("curve_sparsity", {})[f"{sparsity:g}"] = mean_std(
+                        r["curve_sparsities"][i] for r in runs)
+            if runs[0].get("finetune"):
+                for key in runs[0]["finetune"]:
+                    row["finetune"][key] = [mean_std(r["finetune"][key][e] for r in runs)
+                                            for e in range(len(runs[0]["finetune"][key]))]
+            if runs[0].get("imp_overlap"):
+                keys = set.intersection(*(set(r["imp_overlap"]) for r in runs))
+                for key in sorted(keys, key=float):
+                    row["imp_overlap"][key] = {
+                        stat: mean_std(r["imp_overlap"][key][stat] for r in runs)
+                        for stat in ("share", "share_chance", "jaccard", "jaccard_chance")}
+            if method == MAIN:
+                row["seed_overlap"] = {stat: mean_std(r["seed_overlap"][stat] for r in runs)
+                                       for stat in ("share", "share_chance", "jaccard",
+                                                    "jaccard_chance", "pruned_a", "pruned_b")}
+                row["overhead_percent"] = mean_std(
+                    100 * r["extra_seconds"] / s["train_seconds"]
+                    for r, s in zip(runs, report["seeds"]))
+                row["compute_vs_imp"] = [r["compute_vs_imp"] for r in runs]
+            if row["kind"] == "search":
+                row["overhead_percent"] = mean_std(
+                    100 * r["extra_seconds"] / s["train_seconds"]
+                    for r, s in zip(runs, report["seeds"]))
+                row["unsampled"] = mean_std(r["unsampled"] for r in runs)
+            if method == IMP:
+                row["rounds"] = _imp_rounds(runs)
+            rows[method] = row
+        out["granularities"][granularity] = dict(dense_test=mean_std(dense), methods=rows)
+    out["targets"] = _targets(out, config)
+    out["seed_paper"] = _seed_paper(report, out, config)
+    return out
+
+
+def _imp_rounds(runs: list[dict]) -> list[dict]:
+    count = min(len(r["rounds"]) for r in runs)
+    return [{key: mean_std(r["rounds"][i][key] for r in runs)
+             for key in ("sparsity", "val_accuracy", "test_accuracy", "seconds")}
+            | dict(round=runs[0]["rounds"][i]["round"]) for i in range(count)]
+
+
+def _targets(summary: dict, config: dict) -> dict:
+    key = _floor_key(config["floor_drops"][0])
+    targets = {}
+    for granularity, data in summary["granularities"].items():
+        methods = data["methods"]
+        searched = {n: r for n, r in methods.items() if r["kind"] == "search"}
+        best = max(searched, key=lambda n: methods[n]["floors"][key]["sparsity"]["mean"])
+        ratios = [c["ratio"] for c in methods[MAIN]["compute_vs_imp"] if c["ratio"] is not None]
+        targets[granularity] = dict(
+            best_bingo_setting=best,
+            best_bingo_sparsity=methods[best]["floors"][key]["sparsity"],
+            magnitude_sparsity=methods["magnitude"]["floors"][key]["sparsity"],
+            beats_magnitude=methods[best]["floors"][key]["sparsity"]["mean"]
+            > methods["magnitude"]["floors"][key]["sparsity"]["mean"],
+            overhead_percent=methods[MAIN]["overhead_percent"],
+            overhead_within_25_percent=methods[MAIN]["overhead_percent"]["mean"] <= 25.0,
+            imp_to_bingo_compute=mean_std(ratios),
+            compute_5x_below_imp=bool(ratios) and min(ratios) >= 5.0)
+    return targets
+
+
+def _seed_paper(report: dict, summary: dict, config: dict) -> dict:
+    key = _floor_key(config["floor_drops"][0])
+    out = {}
+    for granularity, data in summary["granularities"].items():
+        methods = data["methods"]
+        runs = _per_seed(report, granularity, MAIN)
+        out[granularity] = dict(
+            bingo_pruned=methods[MAIN]["floors"][key]["sparsity"],
+            imp_pruned=methods[IMP]["floors"][key]["sparsity"],
+            bingo_seconds=mean_std(r["compute_vs_imp"]["bingo_seconds"] for r in runs),
+            imp_seconds=mean_std(r["compute_vs_imp"]["imp_total_seconds"] for r in runs),
+            overlap_share=methods[MAIN]["seed_overlap"]["share"],
+            overlap_chance=methods[MAIN]["seed_overlap"]["share_chance"])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------
+
+
+def _pm(value: Optional[dict], scale: float = 100.0, digits: int = 1) -> str:
+    if value is None:
+        return "—"
+    if value["n"] > 1:
+        return f"{scale * value['mean']:.{digits}f} ± {scale * value['std']:.{digits}f}"
+    return f"{scale * value['mean']:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def markdown(report: dict) -> str:
+    """The report as markdown: main tables per granularity, ablations, IMP rounds, targets."""
+    config, summary = report["config"], report["summary"]
+    env = report["environment"]
+    drops = [_floor_key(d) for d in config["floor_drops"]]
+    lines = [
+        f"# BINGO vs IMP vs one-shot criteria: {config['dataset']}, LeNet-300-100",
+        "",
+        f"Seeds {', '.join(map(str, config['seeds']))}; numbers are mean ± std over seeds, "
+        "accuracies and sparsities in %. Splits (images): "
+        + ", ".join(f"{k} {v}" for k, v in report["data"]["sizes"].items())
+        + f". Machine: {env['platform']}, {env['cpu_count']} CPUs, {env['torch_threads']} torch "
+          f"thread(s), Python {env['python']}, torch {env['torch']}; {env['date']}; whole run "
+          f"{report['total_seconds'] / 60:.1f} min."
+        + (" **Quick smoke run: not a result.**" if config.get("quick") else ""),
+        "",
+    ]
+    for granularity, data in summary["granularities"].items():
+        methods = data["methods"]
+        main_rows = [n for n, r in methods.items() if r["kind"] != "search" or n == MAIN]
+        lines += [f"## {granularity} granularity (dense test accuracy "
+                  f"{_pm(data['dense_test'], digits=2)})", "",
+                  "Max sparsity whose **validation** accuracy stays ≥ dense − drop, and the test "
+                  "accuracy there; test accuracy after one-shot pruning to each sparsity (IMP: "
+                  "its own retrained network at the first round reaching it).", ""]
+        header = (["method"] + [f"sparsity @−{float(d) * 100:g}pt" for d in drops]
+                  + [f"test @−{float(drops[0]) * 100:g}pt"]
+                  + [f"acc @{float(s) * 100:g}%" for s in config["report_sparsities"]])
+        rows = []
+        for name in main_rows:
+            r = methods[name]
+            rows.append([name] + [_pm(r["floors"][d]["sparsity"]) for d in drops]
+                        + [_pm(r["floors"][drops[0]]["test_accuracy"], digits=2)]
+                        + [_pm(r["curve"][f"{s:g}"], digits=2)
+                           for s in config["report_sparsities"]])
+        lines += _table(header, rows) + [""]
+        ft = config["finetune_sparsities"]
+        lines += [f"Fine-tune with the mask fixed ({config['finetune_epochs']} epoch(s), test "
+                  "accuracy after each), cost, and overlap of the pruned set with IMP's at equal "
+                  "sparsity (share of the method's pruned units IMP also pruned; chance in "
+                  "brackets).", ""]
+        header = (["method"] + [f"FT e{e + 1} @{s * 100:g}%" for s in ft
+                                for e in range(config["finetune_epochs"])]
+                  + ["extra s", "train-eq"]
+                  + [f"IMP share @{s * 100:g}%" for s in config["report_sparsities"]])
+        rows = []
+        for name in main_rows:
+            r = methods[name]
+            cells = [name]
+            for s in ft:
+                epochs = r["finetune"].get(f"{s:g}") if r["finetune"] else None
+                cells += ([_pm(v, digits=2) for v in epochs] if epochs
+                          else ["—"] * config["finetune_epochs"])
+            cells += [_pm(r["extra_seconds"], scale=1.0), _pm(r["training_equivalents"], 1.0, 2)]
+            for s in config["report_sparsities"]:
+                o = r["imp_overlap"].get(f"{s:g}") if r["imp_overlap"] else None
+                cells.append(f"{_pm(o['share'])} ({_pm(o['share_chance'])})" if o else "—")
+            rows.append(cells)
+        lines += _table(header, rows) + [""]
+        searched = [n for n, r in methods.items() if r["kind"] == "search"]
+        lines += ["Ticket-search settings (main = `bingo`; each ablation changes one thing, "
+                  "same training run).", ""]
+        header = (["setting", "seeds"] + [f"sparsity @−{float(d) * 100:g}pt" for d in drops]
+                  + [f"acc @{s * 100:g}%" for s in config["report_sparsities"][:3]]
+                  + ["search s", "overhead %", "unsampled units"])
+        rows = []
+        for name in searched:
+            r = methods[name]
+            rows.append([name, str(r["seeds"])] + [_pm(r["floors"][d]["sparsity"]) for d in drops]
+                        + [_pm(r["curve"][f"{s:g}"], digits=2)
+                           for s in config["report_sparsities"][:3]]
+                        + [_pm(r["extra_seconds"], 1.0), _pm(r["overhead_percent"], 1.0, 0),
+                           _pm(r["unsampled"], 1.0, 0)])
+        lines += _table(header, rows) + [""]
+        lines += ["IMP rounds (validation picks the floor round; seconds = prune + rewind + "
+                  "retrain).", ""]
+        rows = [[str(r["round"]), _pm(r["sparsity"]), _pm(r["val_accuracy"], digits=2),
+                 _pm(r["test_accuracy"], digits=2), _pm(r["seconds"], 1.0)]
+                for r in methods[IMP]["rounds"]]
+        lines += _table(["round", "sparsity", "val acc", "test acc", "seconds"], rows) + [""]
+    lines += ["## Targets of issue #3 (measured, not tuned)", ""]
+    rows = []
+    for granularity, t in summary["targets"].items():
+        rows.append([granularity, f"{t['best_bingo_setting']}: {_pm(t['best_bingo_sparsity'])}",
+                     _pm(t["magnitude_sparsity"]), "yes" if t["beats_magnitude"] else "**no**",
+                     _pm(t["overhead_percent"], 1.0, 0),
+                     "yes" if t["overhead_within_25_percent"] else "**no**",
+                     _pm(t["imp_to_bingo_compute"], 1.0, 2),
+                     "yes" if t["compute_5x_below_imp"] else "**no**"])
+    lines += _table(["granularity", "best BINGO sparsity @−1pt", "magnitude @−1pt",
+                     "BINGO > magnitude", "search overhead %", "≤ 25%",
+                     "IMP / BINGO compute", "≥ 5×"], rows) + [""]
+    lines += ["## The seed paper's MNIST claims beside ours", ""]
+    rows = [["units pruned at the floor, BINGO", f"{SEED_PAPER['bingo_pruned'] * 100:.0f}%"]
+            + [_pm(v["bingo_pruned"]) + "%" for v in summary["seed_paper"].values()],
+            ["units pruned at the floor, IMP", f"{SEED_PAPER['imp_pruned'] * 100:.0f}%"]
+            + [_pm(v["imp_pruned"]) + "%" for v in summary["seed_paper"].values()],
+            ["run time, BINGO (train + search + prune)", SEED_PAPER["bingo_time"]]
+            + [_pm(v["bingo_seconds"], 1.0) + " s" for v in summary["seed_paper"].values()],
+            ["run time, IMP (train + rounds to its floor)", SEED_PAPER["imp_time"]]
+            + [_pm(v["imp_seconds"], 1.0) + " s" for v in summary["seed_paper"].values()],
+            ["BINGO-pruned units also pruned by IMP (chance)",
+             f"{SEED_PAPER['overlap'] * 100:.0f}% (not given)"]
+            + [f"{_pm(v['overlap_share'])}% ({_pm(v['overlap_chance'])}%)"
+               for v in summary["seed_paper"].values()]]
+    lines += _table(["", "seed paper"] + list(summary["seed_paper"]), rows) + [""]
+    lines += [f"Plots: `{CURVES_PNG}`, `{TIME_PNG}`, `{HISTOGRAM_PNG}`.", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+def _plots(report: dict, out: Path) -> dict[str, str]:
+    config, summary = report["config"], report["summary"]
+    panels, dense, seconds = {}, {}, {}
+    for granularity, data in summary["granularities"].items():
+        dense[granularity] = data["dense_test"]["mean"]
+        panels[granularity] = {}
+        seconds[granularity] = {}
+        for name, row in data["methods"].items():
+            if row["kind"] == "search" and name != MAIN:
+                continue
+            keys = [f"{s:g}" for s in config["sparsities"]]
+            xs = ([row["curve_sparsity"][k]["mean"] if row["curve_sparsity"][k] else None
+                   for k in keys] if name == IMP else list(config["sparsities"]))
+            panels[granularity][name] = dict(
+                x=xs, mean=[row["curve"][k]["mean"] if row["curve"][k] else None for k in keys],
+                std=[row["curve"][k]["std"] if row["curve"][k] else 0.0 for k in keys])
+            seconds[granularity][name] = row["extra_seconds"]["mean"]
+    histogram_data = {}
+    first = report["seeds"][0]
+    for granularity, data in first["granularities"].items():
+        if data.get("significance_values"):
+            histogram_data[f"{granularity} (seed {first['seed']})"] = data["significance_values"]
+    files = dict(
+        curves=plots.accuracy_bands(out / CURVES_PNG, panels, dense_accuracy=dense,
+                                    title=f"LeNet-300-100 on {config['dataset']}: one-shot "
+                                          "criteria and IMP"),
+        wall_time=plots.grouped_bars(out / TIME_PNG, seconds,
+                                     ylabel="extra wall time per run (s, log)",
+                                     title="Cost beyond one training run"))
+    if histogram_data:
+        files["histograms"] = plots.histograms(out / HISTOGRAM_PNG, histogram_data,
+                                               title="BINGO significance (main setting)",
+                                               xlabel="significance")
+    return files
+
+
+def write(report: dict, out: Path) -> None:
+    """Write results.json, results.md and the plots into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    report["files"] = _plots(report, out)
+    report["files"].update(json=str(out / RESULTS_JSON), markdown=str(out / RESULTS_MD))
+    (out / RESULTS_MD).write_text(markdown(report))
+    with open(out / RESULTS_JSON, "w") as f:
+        json.dump(report, f, indent=1)

@@ -1,0 +1,204 @@
+"""``bingo experiment``: splits, overlap statistics, config checks and the quick run end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from bingo import cli
+from bingo.errors import InvalidOptionError
+from bingo.experiment import ABLATIONS, CRITERIA, ExperimentConfig, quick, run_experiment
+from bingo.experiment.measure import overlap
+from bingo.experiment.runner import IMP, MAIN, Snapshot
+from bingo.experiment.splits import experiment_splits
+
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _mnist_dir():
+    for candidate in (os.environ.get("BINGO_DATA"), SHARED_MNIST):
+        if candidate and (Path(candidate) / "mnist" / "t10k-images-idx3-ubyte.gz").exists():
+            return str(candidate)
+    return None
+
+
+# -- splits and statistics ------------------------------------------------------------------------
+
+
+def test_splits_are_disjoint_and_sized_as_documented():
+    n = 10_000
+    dataset = TensorDataset(torch.arange(n).float().unsqueeze(1), torch.arange(n) % 10)
+    splits = experiment_splits(dataset, seed=3)
+    assert splits.sizes() == {"train": 5000, "search": 1000, "val": 2000, "test": 2000}
+    ids = [set(getattr(splits, k).tensors[0][:, 0].long().tolist())
+           for k in ("train", "search", "val", "test")]
+    assert sum(map(len, ids)) == n and len(set().union(*ids)) == n
+    again = experiment_splits(dataset, seed=3)
+    assert torch.equal(again.search.tensors[0], splits.search.tensors[0])
+    other = experiment_splits(dataset, seed=4)
+    assert not torch.equal(other.test.tensors[0], splits.test.tensors[0])
+
+
+def test_overlap_exact_values():
+    a = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, 0, 0], dtype=torch.bool)
+    b = torch.tensor([0, 0, 1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.bool)
+    o = overlap(a, b)
+    assert o["share"] == pytest.approx(0.5)            # 2 of a's 4 are in b
+    assert o["share_chance"] == pytest.approx(0.4)     # b prunes 4 of 10
+    assert o["jaccard"] == pytest.approx(2 / 6)
+    expected_both = 4 * 4 / 10
+    assert o["jaccard_chance"] == pytest.approx(expected_both / (8 - expected_both))
+
+
+def test_overlap_chance_levels_match_random_sets():
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    n = 200_000
+    a = torch.rand(n, generator=generator) < 0.3
+    b = torch.rand(n, generator=generator) < 0.6
+    o = overlap(a, b)
+    assert o["share"] == pytest.approx(o["share_chance"], abs=0.01)
+    assert o["jaccard"] == pytest.approx(o["jaccard_chance"], abs=0.01)
+
+
+def test_snapshot_keeps_the_weights_of_its_step():
+    model = torch.nn.Linear(3, 2)
+    snapshot = Snapshot(model, step=2)
+    x = torch.zeros(1, 3)
+    snapshot(x, x)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    snapshot(x, x)
+    expected = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    snapshot(x, x)
+    assert torch.equal(snapshot.state["weight"], expected)
+
+
+# -- configuration ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(ablations=("K=3",)), "unknown ablation"),
+    (dict(seeds=()), "seeds"),
+    (dict(seeds=(1, 1)), "seeds"),
+    (dict(granularities=("channel",)), "granularity"),
+    (dict(every={"weight": 0, "neuron": 1}), "every"),
+    (dict(report_sparsities=(0.33,)), "report_sparsities"),
+    (dict(floor_drops=(1.5,)), "floor_drops"),
+    (dict(imp_rewind="late"), "imp_rewind"),
+    (dict(epochs=0), "epochs"),
+])
+def test_bad_config_is_refused_by_name(change, message):
+    with pytest.raises(InvalidOptionError, match=message):
+        dataclasses.replace(ExperimentConfig(), **change).validate()
+
+
+def test_every_ablation_changes_a_search_option():
+    from bingo.search import SearchConfig
+
+    options = {f.name for f in dataclasses.fields(SearchConfig)} | {"search_data"}
+    for name, change in ABLATIONS.items():
+        assert change and set(change) <= options, name
+
+
+def test_cli_reports_bad_options_on_one_line(capsys, tmp_path):
+    status = cli.main(["experiment", "mnist", "--quick", "--dataset", "digits", "--seeds", "1",
+                       "1", "--out", str(tmp_path / "x")])
+    assert status == cli.USAGE_ERROR
+    assert "seeds" in capsys.readouterr().err
+
+
+# -- end to end -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("experiment")
+    config = dataclasses.replace(quick(ExperimentConfig()), dataset="digits", out=str(out),
+                                 progress=False)
+    return run_experiment(config), out
+
+
+def test_quick_run_writes_every_output(quick_report):
+    report, out = quick_report
+    for name in ("results.json", "results.md", "accuracy_vs_sparsity.png", "wall_time.png",
+                 "significance_histograms.png"):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["config"]["quick"] is True
+    text = (out / "results.md").read_text()
+    assert "Quick smoke run: not a result" in text
+    assert "## weight granularity" in text and "## neuron granularity" in text
+    assert "seed paper" in text and "Targets of issue #3" in text
+
+
+def test_quick_run_measures_every_method(quick_report):
+    report, _ = quick_report
+    config = report["config"]
+    for granularity in config["granularities"]:
+        methods = report["seeds"][0]["granularities"][granularity]["methods"]
+        expected = {MAIN, IMP, *CRITERIA, *config["ablations"]}
+        assert set(methods) == expected
+        for name, m in methods.items():
+            assert len(m["curve"]) == len(config["sparsities"]), name
+            for floor in m["floors"].values():
+                assert 0.0 <= floor["sparsity"] < 1.0, name
+            if name != IMP:
+                # one-shot pruning to sparsity 0 is the dense model
+                assert m["curve"][0] == pytest.approx(report["seeds"][0]["dense"]["test_accuracy"])
+                assert all(0.0 <= a <= 1.0 for a in m["curve"]), name
+                assert set(m["imp_overlap"]) >= {f"{s:g}" for s in config["report_sparsities"]}
+        assert methods[MAIN]["searches"] > 0 and methods[MAIN]["kind"] == "search"
+        assert len(methods[MAIN]["finetune"]["0.9"]) == config["finetune_epochs"]
+        rounds = methods[IMP]["rounds"]
+        assert [r["round"] for r in rounds] == list(range(config["imp_rounds"][granularity] + 1))
+        assert all(a["sparsity"] < b["sparsity"] for a, b in zip(rounds, rounds[1:]))
+        assert methods[IMP]["training_equivalents"] == config["imp_rounds"][granularity]
+
+
+def test_quick_run_floors_respect_validation(quick_report):
+    report, _ = quick_report
+    seed = report["seeds"][0]
+    dense_val = seed["dense"]["val_accuracy"]
+    for granularity, data in seed["granularities"].items():
+        for name, m in data["methods"].items():
+            for drop, floor in m["floors"].items():
+                assert floor["val_accuracy"] >= dense_val - float(drop) - 1e-12, (name, drop)
+
+
+def test_quick_run_summary_is_consistent(quick_report):
+    report, _ = quick_report
+    summary = report["summary"]
+    for granularity, targets in summary["targets"].items():
+        methods = summary["granularities"][granularity]["methods"]
+        best = targets["best_bingo_setting"]
+        assert methods[best]["kind"] == "search"
+        sparsity = targets["best_bingo_sparsity"]["mean"]
+        assert sparsity == max(r["floors"]["0.01"]["sparsity"]["mean"]
+                               for r in methods.values() if r["kind"] == "search")
+        assert targets["beats_magnitude"] == (sparsity > targets["magnitude_sparsity"]["mean"])
+        compare = methods[MAIN]["compute_vs_imp"][0]
+        if compare["ratio"] is not None:
+            assert math.isclose(compare["ratio"],
+                                compare["imp_matching_seconds"] / compare["bingo_seconds"])
+
+
+@pytest.mark.skipif(_mnist_dir() is None, reason="MNIST IDX files not found "
+                    "($BINGO_DATA or ../shared/data)")
+def test_quick_run_on_real_mnist(tmp_path, capsys):
+    status = cli.main(["experiment", "mnist", "--quick", "--data-dir", _mnist_dir(),
+                       "--granularities", "neuron", "--ablations", "--no-progress",
+                       "--out", str(tmp_path)])
+    assert status == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["data"]["sizes"] == {"train": 5000, "search": 1000, "val": 2000, "test": 2000}
+    assert report["seeds"][0]["dense"]["test_accuracy"] > 0.85
+    assert "neuron granularity" in capsys.readouterr().out
