@@ -283,12 +283,13 @@ def run_experiment(config: ExperimentConfig) -> dict:
         raise InvalidOptionError(f"--out {out} exists and is not a directory")
     started = time.perf_counter()
     with torch_threads(config.threads):
+        machine = environment()
         dataset = load_dataset(config.dataset, config.data_dir)
         limit = config.ablation_seeds if config.ablation_seeds is not None else math.inf
         seeds = [run_seed(config, dataset, seed, index < limit)
                  for index, seed in enumerate(tqdm(config.seeds, desc="seeds",
                                                    disable=not config.progress))]
-    report = dict(config=reporting.jsonable(config), environment=environment(),
+    report = dict(config=reporting.jsonable(config), environment=machine,
                   data=dict(dataset=config.dataset, split_fractions=list(SPLIT_FRACTIONS),
                             sizes=seeds[0]["splits"]),
                   seeds=seeds, total_seconds=time.perf_counter() - started)
