@@ -71,6 +71,17 @@ def triton_version() -> str:
         return "none"
 
 
+def interpreted_backend_reason(backend: str, device: torch.device, allow: bool) -> Optional[str]:
+    """Why not to time ``backend`` here: Triton on CPU tensors runs in its interpreter
+    (TRITON_INTERPRET=1), a correctness tool thousands of times slower than a GPU. ``allow`` lets
+    a tiny preset run it anyway, which checks the wiring (and its results) but times nothing
+    meaningful. None when the backend should be timed."""
+    if backend == "triton" and device.type == "cpu" and not allow:
+        return ("Triton on CPU runs in its interpreter (TRITON_INTERPRET=1): a correctness tool, "
+                "too slow to time beyond the ci preset; time it on a CUDA device")
+    return None
+
+
 def environment(device: torch.device) -> dict:
     """Per-run fields repeated on every CSV row."""
     if device.type == "cuda":

@@ -267,6 +267,7 @@ def build_providers(shape: Shape, inp: dict, device: torch.device, args, cal: Ca
         p = Provider(backend_call(name), est_bytes=0.0, est_seconds=0.0)
         try:
             bk.resolve_backend(name, device)
+            p.skip_reason = bc.interpreted_backend_reason(name, device, args.preset == "ci")
         except bk.BackendUnavailableError as exc:
             p.skip_reason = f"backend unavailable on {device.type}: {exc}"
         providers[f"{name}_backend"] = p

@@ -2,7 +2,8 @@
 
 Ops (see :mod:`bingo_kernels.ops`): ``masked_reset_linear``, ``masked_reset_conv2d``,
 ``subset_metrics``, ``subset_unit_sums``. Backends: ``torch`` (reference and CPU fallback, always
-present), ``triton`` and ``cuda`` (accelerated; registered by their modules where they can run).
+present), ``triton`` (:mod:`bingo_kernels.triton`; registered here without importing triton, which
+is an optional extra) and ``cuda`` (planned).
 The subset-mask specification every backend reproduces bit for bit is
 :func:`bingo_kernels.hashing.subset_mask`.
 """
@@ -12,6 +13,9 @@ from .errors import BackendUnavailableError, BingoError, InputMismatchError, Inv
 from .hashing import subset_mask
 from .ops import masked_reset_conv2d, masked_reset_linear, subset_metrics, subset_unit_sums
 from .subsets import SubsetMasks
+from .triton import register as _register_triton
+
+_register_triton()
 
 __all__ = [
     "BackendUnavailableError", "BingoError", "InputMismatchError", "InvalidOptionError",

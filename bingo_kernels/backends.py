@@ -32,8 +32,13 @@ class Backend:
     """Op name -> function with the op's flat signature (see :mod:`bingo_kernels.reference`)."""
     unavailable_reason: Callable[[], str | None] = lambda: None
     """Returns why the backend cannot run here (no GPU, failed build...), or None if it can."""
-    devices: tuple[str, ...] = ("cpu", "cuda")
-    """Device types whose tensors this backend accepts."""
+    devices: tuple[str, ...] | Callable[[], tuple[str, ...]] = ("cpu", "cuda")
+    """Device types whose tensors this backend accepts, or a function returning them (for a
+    backend whose devices depend on the environment, like triton's CPU interpreter)."""
+
+    def device_types(self) -> tuple[str, ...]:
+        """The accepted device types, as of now."""
+        return self.devices() if callable(self.devices) else tuple(self.devices)
 
 
 _BACKENDS: dict[str, Backend] = {
@@ -41,7 +46,8 @@ _BACKENDS: dict[str, Backend] = {
 }
 
 _NOT_BUILT = {
-    "triton": "the Triton kernels are not part of this version of bingo_kernels yet",
+    # triton registers itself from bingo_kernels.triton (with its own reason when it cannot run).
+    "triton": "the triton backend was not registered (bingo_kernels.triton failed to load)",
     "cuda": "the C++/CUDA extension is not part of this version of bingo_kernels yet",
 }
 
@@ -69,6 +75,11 @@ def unavailable_reason(name: str) -> str | None:
     return _BACKENDS[name].unavailable_reason()
 
 
+def supported_devices(name: str) -> tuple[str, ...]:
+    """Device types whose tensors the registered backend ``name`` takes (empty if unregistered)."""
+    return _BACKENDS[name].device_types() if name in _BACKENDS else ()
+
+
 def resolve_backend(name: str, device: torch.device | str = "cpu") -> str:
     """The concrete backend ``name`` means for tensors on ``device`` (``auto`` resolved).
 
@@ -80,7 +91,8 @@ def resolve_backend(name: str, device: torch.device | str = "cpu") -> str:
     if name == "auto":
         if device_type == "cuda":
             for candidate in AUTO_PREFERENCE:
-                if candidate in _BACKENDS and unavailable_reason(candidate) is None:
+                if (candidate in _BACKENDS and unavailable_reason(candidate) is None
+                        and device_type in _BACKENDS[candidate].device_types()):
                     return candidate
         return "torch"
     if reason is not None:
@@ -88,10 +100,11 @@ def resolve_backend(name: str, device: torch.device | str = "cpu") -> str:
             f"backend {name!r} is unavailable: {reason}. Available here: "
             f"{', '.join(available_backends())}"
         )
-    if device_type not in _BACKENDS[name].devices:
+    supported = _BACKENDS[name].device_types()
+    if device_type not in supported:
         raise BackendUnavailableError(
             f"backend {name!r} does not run on {device_type} tensors (it supports "
-            f"{', '.join(_BACKENDS[name].devices)}); use backend='torch' or 'auto'"
+            f"{', '.join(supported)}); use backend='torch' or 'auto'"
         )
     return name
 

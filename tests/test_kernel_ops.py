@@ -12,6 +12,10 @@ import bingo_kernels as bk
 from bingo_kernels import BackendUnavailableError, InputMismatchError, InvalidOptionError, SubsetMasks
 
 BACKENDS_UNDER_TEST = ["torch", "auto"]
+# The triton backend joins where it takes CPU tensors: under TRITON_INTERPRET=1 (tests/conftest.py
+# sets it), i.e. its kernels run in Triton's interpreter. tests/test_triton_kernels.py adds more.
+if bk.unavailable_reason("triton") is None and "cpu" in bk.backends.supported_devices("triton"):
+    BACKENDS_UNDER_TEST.append("triton")
 # fp32 results against a float64 oracle: relative to the output scale.
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
