@@ -211,13 +211,11 @@ def markdown(report: dict) -> str:
         lines += _table(header, rows) + [""]
         ft = config["finetune_sparsities"]
         lines += [f"Fine-tune with the mask fixed ({config['finetune_epochs']} epoch(s), test "
-                  "accuracy after each), cost, and overlap of the pruned set with IMP's at equal "
-                  "sparsity (share of the method's pruned units IMP also pruned; chance in "
-                  "brackets).", ""]
+                  "accuracy after each) and cost beyond the one training run (IMP: its "
+                  "retraining rounds).", ""]
         header = (["method"] + [f"FT e{e + 1} @{s * 100:g}%" for s in ft
                                 for e in range(config["finetune_epochs"])]
-                  + ["extra s", "train-eq"]
-                  + [f"IMP share @{s * 100:g}%" for s in config["report_sparsities"]])
+                  + ["extra s", "train-eq"])
         rows = []
         for name in main_rows:
             r = methods[name]
@@ -226,10 +224,25 @@ def markdown(report: dict) -> str:
                 epochs = r["finetune"].get(f"{s:g}") if r["finetune"] else None
                 cells += ([_pm(v, digits=2) for v in epochs] if epochs
                           else ["—"] * config["finetune_epochs"])
-            cells += [_pm(r["extra_seconds"], scale=1.0), _pm(r["training_equivalents"], 1.0, 2)]
+            rows.append(cells + [_pm(r["extra_seconds"], scale=1.0),
+                                 _pm(r["training_equivalents"], 1.0, 2)])
+        lines += _table(header, rows) + [""]
+        lines += ["Overlap of the pruned set with IMP's at equal sparsity: share of the method's "
+                  "pruned units that IMP also pruned, and Jaccard index; the level expected of "
+                  "a random set of that size in brackets.", ""]
+        header = ["method"] + [f"{stat} @{s * 100:g}%" for s in config["report_sparsities"]
+                               for stat in ("share", "Jaccard")]
+        rows = []
+        for name in main_rows:
+            r = methods[name]
+            if not r["imp_overlap"]:
+                continue
+            cells = [name]
             for s in config["report_sparsities"]:
-                o = r["imp_overlap"].get(f"{s:g}") if r["imp_overlap"] else None
-                cells.append(f"{_pm(o['share'])} ({_pm(o['share_chance'])})" if o else "—")
+                o = r["imp_overlap"].get(f"{s:g}")
+                cells += ([f"{_pm(o['share'])} ({_pm(o['share_chance'])})",
+                           f"{_pm(o['jaccard'])} ({_pm(o['jaccard_chance'])})"] if o
+                          else ["—", "—"])
             rows.append(cells)
         lines += _table(header, rows) + [""]
         searched = [n for n, r in methods.items() if r["kind"] == "search"]
