@@ -16,7 +16,8 @@ import torch
 from . import reference
 from .errors import BackendUnavailableError, InvalidOptionError
 
-OP_NAMES = ("masked_reset_linear", "masked_reset_conv2d", "subset_metrics", "subset_unit_sums")
+OP_NAMES = ("masked_reset_linear", "masked_reset_conv2d", "subset_metrics", "subset_unit_sums",
+            "subset_linear_metrics")
 KNOWN_BACKENDS = ("auto", "torch", "triton", "cuda")
 # Accelerated backends in order of preference for backend="auto" on CUDA tensors.
 AUTO_PREFERENCE = ("triton", "cuda")

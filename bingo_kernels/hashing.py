@@ -74,7 +74,8 @@ def subset_key_int(seed: int, search: int, k: int) -> int:
 def subset_keys(seed: int, search: int, k_start: int, num_subsets: int, device=None) -> torch.Tensor:
     """Stream keys of subsets ``k_start .. k_start+num_subsets-1`` as an int64 tensor."""
     base = mix32_int(mix32_int(seed ^ SEED_SALT) ^ search)
-    k = torch.arange(k_start, k_start + num_subsets, dtype=torch.int64, device=device)
+    # Subset indices wrap mod 2**32, as in the spec and the numpy/Triton paths.
+    k = torch.arange(k_start, k_start + num_subsets, dtype=torch.int64, device=device) & MASK32
     return mix32(k ^ base)
 
 

@@ -94,11 +94,31 @@ def _(values, explicit_masks, prob, prob_scalar, seed, search, k_start, unit_off
     return values.new_empty((num_units, values.shape[1]), dtype=torch.float32)
 
 
+@torch.library.custom_op("bingo::subset_linear_metrics", mutates_args=())
+def _subset_linear_metrics_op(
+    h: Tensor, weight: Tensor, init_weight: Optional[Tensor], bias: Optional[Tensor],
+    init_bias: Optional[Tensor], targets: Tensor, explicit_masks: Optional[Tensor],
+    prob: Optional[Tensor], prob_scalar: float, seed: int, search: int, k_start: int,
+    num_subsets: int, unit_offset: int, granularity: str, ignore_index: int, chunk: int,
+) -> tuple[Tensor, Tensor]:
+    return reference.subset_linear_metrics(
+        h, weight, init_weight, bias, init_bias, targets, explicit_masks, prob, prob_scalar, seed,
+        search, k_start, num_subsets, unit_offset, granularity, ignore_index, chunk)
+
+
+@_subset_linear_metrics_op.register_fake
+def _(h, weight, init_weight, bias, init_bias, targets, explicit_masks, prob, prob_scalar, seed,
+      search, k_start, num_subsets, unit_offset, granularity, ignore_index, chunk):
+    K = explicit_masks.shape[0] if explicit_masks is not None else num_subsets
+    return (h.new_empty((K,), dtype=torch.float32), h.new_empty((K,), dtype=torch.float32))
+
+
 CUSTOM_OPS = {
     "masked_reset_linear": _masked_reset_linear_op,
     "masked_reset_conv2d": _masked_reset_conv2d_op,
     "subset_metrics": _subset_metrics_op,
     "subset_unit_sums": _subset_unit_sums_op,
+    "subset_linear_metrics": _subset_linear_metrics_op,
 }
 
 
@@ -153,12 +173,12 @@ def _mask_args(masks: Masks, num_units: int, out_features: int, device: torch.de
 
 
 def _check_layer(x: Tensor, weight: Tensor, init_weight, bias, init_bias, masks: Masks,
-                 spatial_dims: int) -> dict:
+                 spatial_dims: int, x_name: str = "x") -> dict:
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
-        raise InputMismatchError("x and weight must be tensors")
+        raise InputMismatchError(f"{x_name} and weight must be tensors")
     if not weight.is_floating_point():
         raise InputMismatchError(f"weight must be floating point, got {weight.dtype}")
-    _check_same("x", x, weight, "weight")
+    _check_same(x_name, x, weight, "weight")
     _check_same("init_weight", init_weight, weight, "weight", weight.shape)
     _check_same("bias", bias, weight, "weight", weight.shape[:1])
     _check_same("init_bias", init_bias, weight, "weight", weight.shape[:1])
@@ -174,14 +194,33 @@ def _check_layer(x: Tensor, weight: Tensor, init_weight, bias, init_bias, masks:
             f"per-subset input has {x.shape[0]} subsets in dim 0 but the masks describe {K}")
     if x.dim() not in (feature_dim, feature_dim + 1):
         raise InputMismatchError(
-            f"x must have {feature_dim} dims (shared by all subsets) or {feature_dim + 1} "
+            f"{x_name} must have {feature_dim} dims (shared by all subsets) or {feature_dim + 1} "
             f"(one slice per subset), got shape {tuple(x.shape)}")
     expected_in = weight.shape[1] if spatial_dims == 0 else None
     if expected_in is not None and x.shape[-1] != expected_in:
         raise InputMismatchError(
-            f"x has {x.shape[-1]} features but weight expects {expected_in} (weight shape "
+            f"{x_name} has {x.shape[-1]} features but weight expects {expected_in} (weight shape "
             f"{tuple(weight.shape)})")
     return args
+
+
+def _check_targets(targets: Tensor, ignore_index: int, rows: int, classes: int, ref: Tensor,
+                   ref_name: str) -> None:
+    """``targets`` must be ``(rows,)`` class indices in ``[0, classes)`` (or ``ignore_index``)."""
+    if not isinstance(targets, Tensor):
+        raise InputMismatchError(f"targets must be a tensor, got {type(targets).__name__}")
+    if targets.dim() != 1 or targets.shape[0] != rows:
+        raise InputMismatchError(
+            f"targets must be (N,) with N={rows}, got shape {tuple(targets.shape)}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise InputMismatchError(f"targets must hold class indices (int64), got {targets.dtype}")
+    if targets.device != ref.device:
+        raise InputMismatchError(f"targets are on {targets.device}, {ref_name} on {ref.device}")
+    valid = targets[targets != ignore_index]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= classes):
+        raise InputMismatchError(
+            f"targets must lie in [0, {classes}) (number of classes), found "
+            f"[{int(valid.min())}, {int(valid.max())}]")
 
 
 # --- public ops -------------------------------------------------------------------------------
@@ -237,20 +276,46 @@ def subset_metrics(logits: Tensor, targets: Tensor, *, ignore_index: int = -100,
     """
     if logits.dim() != 3:
         raise InputMismatchError(f"logits must be (K, N, C), got shape {tuple(logits.shape)}")
-    if targets.dim() != 1 or targets.shape[0] != logits.shape[1]:
-        raise InputMismatchError(
-            f"targets must be (N,) with N={logits.shape[1]}, got shape {tuple(targets.shape)}")
-    if targets.dtype not in (torch.int64, torch.int32):
-        raise InputMismatchError(f"targets must hold class indices (int64), got {targets.dtype}")
-    if targets.device != logits.device:
-        raise InputMismatchError(f"targets are on {targets.device}, logits on {logits.device}")
-    valid = targets[targets != ignore_index]
-    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= logits.shape[2]):
-        raise InputMismatchError(
-            f"targets must lie in [0, {logits.shape[2]}) (number of classes), found "
-            f"[{int(valid.min())}, {int(valid.max())}]")
+    _check_targets(targets, ignore_index, logits.shape[1], logits.shape[2], logits, "logits")
     impl = _implementation("subset_metrics", backend, logits.device)
     return impl(logits, targets.long(), int(ignore_index))
+
+
+def subset_linear_metrics(h: Tensor, weight: Tensor, init_weight: Optional[Tensor],
+                          bias: Optional[Tensor], init_bias: Optional[Tensor], masks: Masks,
+                          targets: Tensor, *, ignore_index: int = -100,
+                          chunk: Optional[int] = None,
+                          backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """A last Linear layer fused with :func:`subset_metrics`: the ``(K, B, C)`` logits never exist.
+
+    Equals ``subset_metrics(masked_reset_linear(h, weight, init_weight, bias, init_bias, masks),
+    targets, ignore_index=ignore_index)`` up to float rounding, with the same first-maximum
+    argmax and ``ignore_index`` rules; the layer's ``C`` output units are the classes.
+
+    Args:
+        h: ``(B, in)``, shared by all subsets, or ``(K, B, in)``, one slice per subset.
+        weight, init_weight, bias, init_bias, masks: as in :func:`masked_reset_linear`
+            (``weight`` is ``(C, in)``).
+        targets: ``(B,)`` class indices; ``ignore_index`` rows count in neither metric.
+        chunk: classes per chunk of the torch implementation, which holds at most a
+            ``(K_block, B, chunk)`` tile of logits; None picks it from a 64 MiB budget. The
+            triton kernel tiles the classes by its own (tuned) block size and ignores it.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        float32 ``(loss, accuracy)``, each ``(K,)``.
+    """
+    args = _check_layer(h, weight, init_weight, bias, init_bias, masks, spatial_dims=0,
+                        x_name="h")
+    _check_targets(targets, ignore_index, h.shape[-2], weight.shape[0], h, "h")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise InputMismatchError(f"chunk must be a positive number of classes or None, got "
+                                 f"{chunk!r}")
+    impl = _implementation("subset_linear_metrics", backend, h.device)
+    return impl(h, weight, init_weight, bias, init_bias, targets.long(), args["explicit_masks"],
+                args["prob"], args["prob_scalar"], args["seed"], args["search"], args["k_start"],
+                args["num_subsets"], args["unit_offset"], args["granularity"], int(ignore_index),
+                0 if chunk is None else int(chunk))
 
 
 def subset_unit_sums(values: Tensor, masks: Masks, num_units: int, *,
@@ -283,4 +348,4 @@ def subset_unit_sums(values: Tensor, masks: Masks, num_units: int, *,
 
 
 __all__ = ["masked_reset_linear", "masked_reset_conv2d", "subset_metrics", "subset_unit_sums",
-           "CUSTOM_OPS"]
+           "subset_linear_metrics", "CUSTOM_OPS"]

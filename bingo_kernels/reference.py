@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .hashing import subset_mask
+from .hashing import MASK32, subset_mask
 
 # Bound on elements of blended weights the reference materialises at once (64 MiB of fp32).
 _BLEND_ELEMENTS = 1 << 24
@@ -157,6 +157,14 @@ def masked_reset_conv2d(
     return torch.cat(outs, 0).contiguous()
 
 
+def _counted_targets(targets: torch.Tensor, ignore_index: int):
+    """``(valid, safe, count)``: rows that count, targets with ignored ones set to class 0, and
+    the number of counted rows (at least 1, so that all-ignored gives 0 rather than NaN)."""
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    return valid, safe, valid.sum().clamp_min(1).float()
+
+
 def subset_metrics(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
     """Mean cross-entropy and accuracy per subset from ``(K, N, C)`` logits and ``(N,)`` targets.
 
@@ -165,10 +173,8 @@ def subset_metrics(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
     """
     K, N, C = logits.shape
     lf = logits.float()
-    valid = targets != ignore_index
-    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    valid, safe, count = _counted_targets(targets, ignore_index)
     nll = torch.logsumexp(lf, dim=-1) - lf.gather(-1, safe.expand(K, N).unsqueeze(-1)).squeeze(-1)
-    count = valid.sum().clamp_min(1).float()
     loss = (nll * valid).sum(-1) / count
     # First maximum wins, as torch.argmax does; kernels must use the same tie rule.
     correct = (lf.argmax(-1) == targets) & valid
@@ -204,3 +210,88 @@ def subset_unit_sums(
             m = subset_mask(seed, search, k_start, K, unit_offset + u0, u1 - u0, p, values.device)
         out[u0:u1] = m.float().t() @ vals
     return out
+
+
+# Bound on logits the fused reference holds at once (one (subsets, rows, classes) tile: 64 MiB of
+# fp32), and the smallest class chunk it picks by itself (bigger chunks amortise the slicing).
+_LOGIT_ELEMENTS = 1 << 24
+_MIN_AUTO_CHUNK = 256
+
+
+def _class_chunk(chunk: int, num_classes: int, rows: int) -> int:
+    """Classes per chunk: ``chunk`` if positive, else as many as the logit budget allows."""
+    if chunk <= 0:
+        chunk = max(_MIN_AUTO_CHUNK, _LOGIT_ELEMENTS // max(1, rows))
+    return max(1, min(chunk, num_classes))
+
+
+def subset_linear_metrics(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    init_weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    init_bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    explicit_masks: Optional[torch.Tensor],
+    prob: Optional[torch.Tensor],
+    prob_scalar: float,
+    seed: int,
+    search: int,
+    k_start: int,
+    num_subsets: int,
+    unit_offset: int,
+    granularity: str,
+    ignore_index: int,
+    chunk: int,
+):
+    """``subset_metrics(masked_reset_linear(h, ...), targets)`` without the ``(K, B, C)`` logits.
+
+    The classes (rows of ``weight``) are walked in chunks of ``chunk`` (``<= 0``: picked from a
+    memory budget), and the subsets in blocks, so that at most a ``(K_block, B, chunk)`` tile of
+    logits exists: each tile is :func:`masked_reset_linear` on a row slice of the layer (the
+    slice's units start at ``unit_offset + c0`` for neuron masks and ``unit_offset + c0 * in``
+    for weight masks, whose units are the weight's row-major elements), and feeds an online
+    log-sum-exp, the target logit and a running first-maximum argmax (a later chunk's equal
+    maximum does not win, as in ``torch.argmax``). A subset block's first index wraps mod 2**32,
+    as subset indices do in the spec. Returns float32 ``(loss, accuracy)``, ``(K,)``.
+    """
+    K = _num_subsets(explicit_masks, num_subsets)
+    C, in_f = weight.shape
+    B = h.shape[-2]
+    valid, safe, count = _counted_targets(targets, ignore_index)
+    chunk = _class_chunk(chunk, C, K * B)
+    k_block = max(1, _LOGIT_ELEMENTS // max(1, B * chunk))
+    unit_stride = 1 if granularity == "neuron" else in_f  # units per class (weight row)
+    loss = torch.empty(K, dtype=torch.float32, device=h.device)
+    accuracy = torch.empty_like(loss)
+    for k0 in range(0, K, k_block):
+        k1 = min(K, k0 + k_block)
+        hk = h if h.dim() == 2 else h[k0:k1]
+        lse = torch.full((k1 - k0, B), float("-inf"), dtype=torch.float32, device=h.device)
+        target_logit = torch.zeros_like(lse)
+        best = torch.full_like(lse, float("-inf"))
+        best_idx = torch.zeros((k1 - k0, B), dtype=torch.int64, device=h.device)
+        for c0 in range(0, C, chunk):
+            c1 = min(C, c0 + chunk)
+            rows = slice(c0, c1)
+            units = slice(c0 * unit_stride, c1 * unit_stride)
+            tile = masked_reset_linear(
+                hk, weight[rows], None if init_weight is None else init_weight[rows],
+                None if bias is None else bias[rows],
+                None if init_bias is None else init_bias[rows],
+                None if explicit_masks is None else explicit_masks[k0:k1, rows],
+                None if prob is None else prob[units], prob_scalar, seed, search,
+                (k_start + k0) & MASK32, k1 - k0, unit_offset + c0 * unit_stride,
+                granularity).float()
+            lse = torch.logaddexp(lse, torch.logsumexp(tile, dim=-1))
+            local = (safe - c0).clamp(0, c1 - c0 - 1)
+            picked = tile.gather(-1, local.expand(k1 - k0, B).unsqueeze(-1)).squeeze(-1)
+            target_logit = torch.where((safe >= c0) & (safe < c1), picked, target_logit)
+            chunk_idx = tile.argmax(dim=-1)  # first maximum within the chunk
+            chunk_best = tile.gather(-1, chunk_idx.unsqueeze(-1)).squeeze(-1)
+            better = chunk_best > best  # strictly: an equal later maximum does not win
+            best = torch.where(better, chunk_best, best)
+            best_idx = torch.where(better, chunk_idx + c0, best_idx)
+        loss[k0:k1] = torch.where(valid, lse - target_logit, 0.0).sum(-1) / count
+        accuracy[k0:k1] = ((best_idx == targets) & valid).sum(-1).float() / count
+    return loss, accuracy

@@ -51,11 +51,13 @@ def test_both_implementations_match_the_oracle(impl, prob):
     K, U, offset = 6, 700, 2**33 + 5
     p = torch.rand(U) if prob == "per-unit" else prob
     thresholds = hashing.inclusion_threshold(p, U)
-    got = impl(99, 12, 40, K, offset, thresholds)
     pv = p.tolist() if prob == "per-unit" else [p] * U
-    expected = torch.tensor([[_oracle(99, 12, 40 + k, offset + u, pv[u]) for u in range(U)]
-                             for k in range(K)])
-    assert torch.equal(got, expected)
+    # k_start = 2**32 - 3: subset indices wrap mod 2**32 inside the block.
+    for k_start in (40, 2**32 - 3):
+        got = impl(99, 12, k_start, K, offset, thresholds)
+        expected = torch.tensor([[_oracle(99, 12, (k_start + k) & M, offset + u, pv[u])
+                                  for u in range(U)] for k in range(K)])
+        assert torch.equal(got, expected), k_start
 
 
 def test_deterministic_and_tiling_invariant():

@@ -10,6 +10,9 @@ What it implements (design notes in ``docs/kernels.md``):
   are blended element-wise inside the reduction loop.
 * ``subset_metrics`` (:mod:`.metrics`): per-subset mean cross-entropy and accuracy, one online
   log-sum-exp / argmax pass over the classes.
+* ``subset_linear_metrics`` (:mod:`.linear_metrics`): the last linear layer fused with
+  ``subset_metrics``; logits tiles computed in registers and folded into the online log-sum-exp /
+  argmax over class tiles, so the ``K x B x C`` logits never exist.
 * ``subset_unit_sums`` (:mod:`.unit_sums`): per-unit sums over the subsets containing each unit,
   masks regenerated in-kernel, no atomics (deterministic).
 * ``masked_reset_conv2d`` is not implemented: ``backend="triton"`` raises
@@ -97,11 +100,13 @@ def _lazy(module: str, function: str):
 masked_reset_linear = _lazy("linear", "masked_reset_linear")
 subset_metrics = _lazy("metrics", "subset_metrics")
 subset_unit_sums = _lazy("unit_sums", "subset_unit_sums")
+subset_linear_metrics = _lazy("linear_metrics", "subset_linear_metrics")
 
 OPS = {
     "masked_reset_linear": masked_reset_linear,
     "subset_metrics": subset_metrics,
     "subset_unit_sums": subset_unit_sums,
+    "subset_linear_metrics": subset_linear_metrics,
 }
 
 _REGISTERED = False

@@ -128,21 +128,17 @@ def _column_select_kernel(y_ptr, y0_ptr, out_ptr, masks_ptr, smk, smn, prob_ptr,
 
 # --- per-subset input, neuron masks: each output row read from W or W0 ------------------------
 
-@triton.jit(do_not_specialize=["base", "k_start", "off_lo", "off_hi"])
-def _row_select_kernel(x_ptr, w_ptr, w0_ptr, b_ptr, b0_ptr, out_ptr, masks_ptr, smk, smn,
-                       prob_ptr, prob_scalar, base, k_start, off_lo, off_hi, M, N, IN,
-                       sxk, sxm, sxi, swn, swi, sw0n, sw0i,
-                       HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, EXPLICIT: tl.constexpr,
-                       PER_UNIT: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = tl.program_id(2)
+@triton.jit
+def _row_select_tile(x_base, w_ptr, w0_ptr, b_ptr, b0_ptr, masks_ptr, smk, smn, prob_ptr,
+                     prob_scalar, base, k_start, off_lo, off_hi, k, rm, rn, m_valid, n_valid, IN,
+                     sxm, sxi, swn, swi, sw0n, sw0i,
+                     HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, EXPLICIT: tl.constexpr,
+                     PER_UNIT: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The ``(rows rm, outputs rn)`` tile of subset k's output, neuron masks, in ``ACC``."""
     rk = tl.arange(0, BLOCK_K)
-    m_valid, n_valid = rm < M, rn < N
     reset = _column_masks(masks_ptr, smk, smn, prob_ptr, prob_scalar, base, k_start, off_lo,
                           off_hi, k, rn, n_valid, EXPLICIT, PER_UNIT)
-    x_base = x_ptr + k.to(tl.int64) * sxk
     if HAS_INIT:
         # The row's base pointer and strides come from W0 where the neuron is reset.
         row_ptr = tl.where(reset, w0_ptr + rn * sw0n, w_ptr + rn * swn)
@@ -169,26 +165,40 @@ def _row_select_kernel(x_ptr, w_ptr, w0_ptr, b_ptr, b0_ptr, out_ptr, masks_ptr, 
         else:
             b0 = tl.zeros((BLOCK_N,), dtype=ACC)
         acc += tl.where(reset, b0, b)[None, :]
+    return acc
+
+
+@triton.jit(do_not_specialize=["base", "k_start", "off_lo", "off_hi"])
+def _row_select_kernel(x_ptr, w_ptr, w0_ptr, b_ptr, b0_ptr, out_ptr, masks_ptr, smk, smn,
+                       prob_ptr, prob_scalar, base, k_start, off_lo, off_hi, M, N, IN,
+                       sxk, sxm, sxi, swn, swi, sw0n, sw0i,
+                       HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, EXPLICIT: tl.constexpr,
+                       PER_UNIT: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.program_id(2)
+    m_valid, n_valid = rm < M, rn < N
+    acc = _row_select_tile(x_ptr + k.to(tl.int64) * sxk, w_ptr, w0_ptr, b_ptr, b0_ptr, masks_ptr,
+                           smk, smn, prob_ptr, prob_scalar, base, k_start, off_lo, off_hi, k, rm,
+                           rn, m_valid, n_valid, IN, sxm, sxi, swn, swi, sw0n, sw0i, HAS_INIT,
+                           HAS_BIAS, EXPLICIT, PER_UNIT, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
     out = out_ptr + k.to(tl.int64) * M * N + rm[:, None] * N + rn[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
 
 
 # --- weight masks: W and W0 blended element-wise inside the reduction loop ---------------------
 
-@triton.jit(do_not_specialize=["base", "k_start", "off_lo", "off_hi"])
-def _weight_blend_kernel(x_ptr, w_ptr, w0_ptr, b_ptr, out_ptr, prob_ptr, prob_scalar,
-                         base, k_start, off_lo, off_hi, M, N, IN,
-                         sxk, sxm, sxi, swn, swi, sw0n, sw0i,
-                         HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, PER_UNIT: tl.constexpr,
-                         ACC: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = tl.program_id(2)
+@triton.jit
+def _weight_blend_tile(x_base, w_ptr, w0_ptr, b_ptr, prob_ptr, prob_scalar, base, k_start,
+                       off_lo, off_hi, k, rm, rn, m_valid, n_valid, IN,
+                       sxm, sxi, swn, swi, sw0n, sw0i,
+                       HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, PER_UNIT: tl.constexpr,
+                       ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The ``(rows rm, outputs rn)`` tile of subset k's output, weight masks, in ``ACC``."""
     rk = tl.arange(0, BLOCK_K)
-    m_valid, n_valid = rm < M, rn < N
     key = subset_key(base, k_start, k)
-    x_base = x_ptr + k.to(tl.int64) * sxk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for i0 in range(0, IN, BLOCK_K):
         ik = i0 + rk
@@ -210,6 +220,24 @@ def _weight_blend_kernel(x_ptr, w_ptr, w0_ptr, b_ptr, out_ptr, prob_ptr, prob_sc
         acc = _mma(xt, wt, acc)
     if HAS_BIAS:  # weight masks never reset the bias
         acc += tl.load(b_ptr + rn, mask=n_valid, other=0.0).to(ACC)[None, :]
+    return acc
+
+
+@triton.jit(do_not_specialize=["base", "k_start", "off_lo", "off_hi"])
+def _weight_blend_kernel(x_ptr, w_ptr, w0_ptr, b_ptr, out_ptr, prob_ptr, prob_scalar,
+                         base, k_start, off_lo, off_hi, M, N, IN,
+                         sxk, sxm, sxi, swn, swi, sw0n, sw0i,
+                         HAS_INIT: tl.constexpr, HAS_BIAS: tl.constexpr, PER_UNIT: tl.constexpr,
+                         ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.program_id(2)
+    m_valid, n_valid = rm < M, rn < N
+    acc = _weight_blend_tile(x_ptr + k.to(tl.int64) * sxk, w_ptr, w0_ptr, b_ptr, prob_ptr,
+                             prob_scalar, base, k_start, off_lo, off_hi, k, rm, rn, m_valid,
+                             n_valid, IN, sxm, sxi, swn, swi, sw0n, sw0i, HAS_INIT, HAS_BIAS,
+                             PER_UNIT, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
     out = out_ptr + k.to(tl.int64) * M * N + rm[:, None] * N + rn[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
 
@@ -262,31 +290,19 @@ def masked_reset_linear(
     granularity: str,
 ) -> torch.Tensor:
     """The Triton implementation; same flat signature and semantics as the torch reference."""
-    if x.dtype not in _ACC:
-        raise InputMismatchError(f"the triton backend does not support dtype {x.dtype}")
     K = int(explicit_masks.shape[0]) if explicit_masks is not None else int(num_subsets)
     N, IN = weight.shape
-    shared = x.dim() == 2
     M = x.shape[-2]
     out = torch.empty((K, M, N), dtype=x.dtype, device=x.device)
+    la = layer_args(x, weight, init_weight, bias, init_bias, explicit_masks, prob, prob_scalar,
+                    seed, search, k_start, unit_offset, granularity, out)
     if K == 0 or M == 0 or N == 0:
         return out
-    if weight.numel() >= 2**31 or M * max(N, IN) >= 2**31:
-        raise InputMismatchError("the triton backend indexes one layer with int32: the weight "
-                                 "and one subset's input/output must each hold < 2**31 elements")
-    if granularity == "weight" and explicit_masks is not None:
-        raise InputMismatchError("explicit masks are neuron masks; weight masks must be hashed")
-    mk = mask_kernel_args(explicit_masks, prob, prob_scalar, seed, search, k_start, unit_offset,
-                           out)
-    has_init, has_bias = init_weight is not None, bias is not None
-    w0 = init_weight if has_init else weight  # never read when has_init is False
-    # Bias vectors are tiny: made contiguous here rather than read through strides.
-    b = bias.contiguous() if has_bias else out
-    b0 = init_bias.contiguous() if (has_init and has_bias) else b
-    common = dict(HAS_INIT=has_init, ACC=_ACC[x.dtype])
-    wstrides = (weight.stride(0), weight.stride(1), w0.stride(0), w0.stride(1))
+    mk, w0, b, b0, wstrides = la["mk"], la["w0"], la["b"], la["b0"], la["wstrides"]
+    has_init, has_bias = la["HAS_INIT"], la["HAS_BIAS"]
+    common = dict(HAS_INIT=has_init, ACC=la["ACC"])
 
-    if granularity == "neuron" and shared:
+    if granularity == "neuron" and x.dim() == 2:
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
         y0 = torch.empty_like(y) if has_init else y
         _pair_gemm(lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"])),
@@ -300,19 +316,47 @@ def masked_reset_linear(
             PER_UNIT=mk["per_unit"])
         return out
 
-    x_strides = (0, x.stride(0), x.stride(1)) if shared else (x.stride(0), x.stride(1),
-                                                              x.stride(2))
-
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), K)
 
     if granularity == "neuron":
         _row_select(grid, x, weight, w0, b, b0, out, mk["masks"], mk["smk"], mk["smn"],
-                    mk["prob"], mk["scalar"], *mk["hashed"], M, N, IN, *x_strides, *wstrides,
-                    HAS_BIAS=has_bias, EXPLICIT=mk["explicit"], PER_UNIT=mk["per_unit"],
-                    **common)
+                    mk["prob"], mk["scalar"], *mk["hashed"], M, N, IN, *la["x_strides"],
+                    *wstrides, HAS_BIAS=has_bias, EXPLICIT=mk["explicit"],
+                    PER_UNIT=mk["per_unit"], **common)
     else:
         _weight_blend(grid, x, weight, w0, b, out, mk["prob"], mk["scalar"], *mk["hashed"],
-                      M, N, IN, *x_strides, *wstrides, HAS_BIAS=has_bias,
+                      M, N, IN, *la["x_strides"], *wstrides, HAS_BIAS=has_bias,
                       PER_UNIT=mk["per_unit"], **common)
     return out
+
+
+def layer_args(x, weight, init_weight, bias, init_bias, explicit_masks, prob, prob_scalar, seed,
+               search, k_start, unit_offset, granularity, dummy) -> dict:
+    """Checks and launch arguments of a masked-reset linear layer, shared by the kernels that
+    compute one (here and the fused :mod:`.linear_metrics`).
+
+    ``dummy`` is any tensor on the device, passed for pointers a variant never reads. Returns the
+    mask arguments (``mk``), ``w0``/``b``/``b0`` pointers, weight strides (W then W0), x strides
+    as (subset, row, feature) with a subset stride of 0 for a shared x, and the constexprs
+    ``HAS_INIT``, ``HAS_BIAS``, ``ACC``.
+    """
+    if x.dtype not in _ACC:
+        raise InputMismatchError(f"the triton backend does not support dtype {x.dtype}")
+    N, IN = weight.shape
+    if weight.numel() >= 2**31 or x.shape[-2] * max(N, IN) >= 2**31:
+        raise InputMismatchError("the triton backend indexes one layer with int32: the weight "
+                                 "and one subset's input/output must each hold < 2**31 elements")
+    if granularity == "weight" and explicit_masks is not None:
+        raise InputMismatchError("explicit masks are neuron masks; weight masks must be hashed")
+    has_init, has_bias = init_weight is not None, bias is not None
+    w0 = init_weight if has_init else weight  # never read when has_init is False
+    # Bias vectors are tiny: made contiguous here rather than read through strides.
+    b = bias.contiguous() if has_bias else dummy
+    return dict(
+        mk=mask_kernel_args(explicit_masks, prob, prob_scalar, seed, search, k_start,
+                            unit_offset, dummy),
+        w0=w0, b=b, b0=init_bias.contiguous() if (has_init and has_bias) else b,
+        wstrides=(weight.stride(0), weight.stride(1), w0.stride(0), w0.stride(1)),
+        x_strides=(0, *x.stride()) if x.dim() == 2 else tuple(x.stride()),
+        HAS_INIT=has_init, HAS_BIAS=has_bias, ACC=_ACC[x.dtype])

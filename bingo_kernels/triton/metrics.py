@@ -11,8 +11,8 @@ logits' dtype; rows whose target is ``ignore_index`` count in neither mean; ties
 to the first maximum (``torch.argmax``'s rule). Not matched: NaN logits (torch.argmax treats NaN
 as the maximum; here a NaN row's argmax is unspecified, its loss NaN either way).
 
-Not done: a fused "last linear + cross-entropy" kernel that would never materialise the K x N x C
-logits (see docs/kernels.md); the executor produces logits with the model's own last layer.
+The online step and the row epilogue are shared with the fused last-linear kernel
+(:mod:`.linear_metrics`), which never materialises the K x N x C logits.
 """
 
 from __future__ import annotations
@@ -46,20 +46,33 @@ def _metrics_kernel(logits_ptr, targets_ptr, nll_ptr, hit_ptr, N, C, ignore_inde
                        mask=n_valid[:, None] & (cols < C)[None, :], other=float("-inf"))
         # Rows past N read as zeros, not -inf, so that no -inf - -inf NaN is ever formed.
         tile = tl.where(n_valid[:, None], tile.to(tl.float32), 0.0)
-        chunk_max = tl.max(tile, axis=1)
-        # Strictly greater: an equal maximum in a later chunk does not replace the first one.
-        chunk_idx = tl.argmax(tile, axis=1, tie_break_left=True).to(tl.int32) + c0
-        better = chunk_max > best
-        best_idx = tl.where(better, chunk_idx, best_idx)
-        best = tl.where(better, chunk_max, best)
-        new_max = tl.maximum(run_max, chunk_max)
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(tile - new_max[:, None]),
-                                                               axis=1)
-        run_max = new_max
+        run_max, run_sum, best, best_idx = online_step(tile, c0, run_max, run_sum, best, best_idx)
     target_logit = tl.load(row + safe_target * slc, mask=counted, other=0.0).to(tl.float32)
+    store_rows(nll_ptr, hit_ptr, k.to(tl.int64) * N + rn, n_valid, counted, safe_target,
+               run_max, run_sum, best_idx, target_logit)
+
+
+@triton.jit
+def online_step(tile, c0, run_max, run_sum, best, best_idx):
+    """Folds a float32 ``(rows, classes c0...)`` tile into the rows' online log-sum-exp (running
+    max and rescaled sum) and first-maximum argmax; columns past C must hold -inf."""
+    chunk_max = tl.max(tile, axis=1)
+    # Strictly greater: an equal maximum in a later chunk does not replace the first one.
+    chunk_idx = tl.argmax(tile, axis=1, tie_break_left=True).to(tl.int32) + c0
+    better = chunk_max > best
+    best_idx = tl.where(better, chunk_idx, best_idx)
+    best = tl.where(better, chunk_max, best)
+    new_max = tl.maximum(run_max, chunk_max)
+    run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(tile - new_max[:, None]), axis=1)
+    return new_max, run_sum, best, best_idx
+
+
+@triton.jit
+def store_rows(nll_ptr, hit_ptr, out, n_valid, counted, safe_target, run_max, run_sum, best_idx,
+               target_logit):
+    """Writes the rows' NLL (0 where not counted) and hit flags at offsets ``out``."""
     nll = run_max + tl.log(run_sum) - target_logit
     hit = counted & (best_idx == safe_target.to(tl.int32))
-    out = k.to(tl.int64) * N + rn
     tl.store(nll_ptr + out, tl.where(counted, nll, 0.0), mask=n_valid)
     tl.store(hit_ptr + out, hit.to(tl.float32), mask=n_valid)
 
@@ -85,5 +98,10 @@ def subset_metrics(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
     else:  # no classes: every target is ignore_index (ops checks the range), nothing counts
         nll.zero_()
         hit.zero_()
+    return reduce_rows(nll, hit, targets, ignore_index)
+
+
+def reduce_rows(nll: torch.Tensor, hit: torch.Tensor, targets: torch.Tensor, ignore_index: int):
+    """Per-subset means of the kernels' ``(K, N)`` per-row NLL and hit buffers."""
     count = (targets != ignore_index).sum().clamp_min(1).float()
     return nll.sum(1) / count, hit.sum(1) / count
