@@ -105,7 +105,7 @@ def summarize(report: dict) -> dict:
                 row["rounds"] = _imp_rounds(runs)
             rows[method] = row
         out["granularities"][granularity] = dict(dense_test=mean_std(dense), methods=rows)
-    out["targets"] = _targets(out, config)
+    out["targets"] = _targets(report, out, config)
     out["seed_paper"] = _seed_paper(report, out, config)
     return out
 
@@ -117,20 +117,25 @@ def _imp_rounds(runs: list[dict]) -> list[dict]:
             | dict(round=runs[0]["rounds"][i]["round"]) for i in range(count)]
 
 
-def _targets(summary: dict, config: dict) -> dict:
+def _targets(report: dict, summary: dict, config: dict) -> dict:
+    """Issue #3's targets. The best setting is compared with magnitude on the same seeds (the
+    ablations run on fewer seeds than the main setting)."""
     key = _floor_key(config["floor_drops"][0])
     targets = {}
     for granularity, data in summary["granularities"].items():
         methods = data["methods"]
         searched = {n: r for n, r in methods.items() if r["kind"] == "search"}
         best = max(searched, key=lambda n: methods[n]["floors"][key]["sparsity"]["mean"])
+        same_seeds = [s["granularities"][granularity]["methods"]["magnitude"]["floors"][key]
+                      ["sparsity"] for s in report["seeds"]
+                      if best in s["granularities"][granularity]["methods"]]
+        magnitude = mean_std(same_seeds)
         ratios = [c["ratio"] for c in methods[MAIN]["compute_vs_imp"] if c["ratio"] is not None]
         targets[granularity] = dict(
             best_bingo_setting=best,
             best_bingo_sparsity=methods[best]["floors"][key]["sparsity"],
-            magnitude_sparsity=methods["magnitude"]["floors"][key]["sparsity"],
-            beats_magnitude=methods[best]["floors"][key]["sparsity"]["mean"]
-            > methods["magnitude"]["floors"][key]["sparsity"]["mean"],
+            magnitude_sparsity=magnitude,
+            beats_magnitude=methods[best]["floors"][key]["sparsity"]["mean"] > magnitude["mean"],
             overhead_percent=methods[MAIN]["overhead_percent"],
             overhead_within_25_percent=methods[MAIN]["overhead_percent"]["mean"] <= 25.0,
             imp_to_bingo_compute=mean_std(ratios),
@@ -269,13 +274,15 @@ def markdown(report: dict) -> str:
     lines += ["## Targets of issue #3 (measured, not tuned)", ""]
     rows = []
     for granularity, t in summary["targets"].items():
-        rows.append([granularity, f"{t['best_bingo_setting']}: {_pm(t['best_bingo_sparsity'])}",
+        seeds = t["best_bingo_sparsity"]["n"]
+        rows.append([granularity, f"{t['best_bingo_setting']}: {_pm(t['best_bingo_sparsity'])}"
+                                  f" ({seeds} seed{'s' if seeds > 1 else ''})",
                      _pm(t["magnitude_sparsity"]), "yes" if t["beats_magnitude"] else "**no**",
                      _pm(t["overhead_percent"], 1.0, 0),
                      "yes" if t["overhead_within_25_percent"] else "**no**",
                      _pm(t["imp_to_bingo_compute"], 1.0, 2),
                      "yes" if t["compute_5x_below_imp"] else "**no**"])
-    lines += _table(["granularity", "best BINGO sparsity @−1pt", "magnitude @−1pt",
+    lines += _table(["granularity", "best BINGO setting: sparsity @−1pt", "magnitude, same seeds",
                      "BINGO > magnitude", "search overhead %", "≤ 25%",
                      "IMP / BINGO compute", "≥ 5×"], rows) + [""]
     lines += ["## The seed paper's MNIST claims beside ours", ""]
