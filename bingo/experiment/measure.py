@@ -100,12 +100,22 @@ def overlap(pruned_a: Tensor, pruned_b: Tensor) -> dict[str, float]:
                 pruned_a=a / n, pruned_b=b / n)
 
 
-def imp_mask_at(imp_scores: Mapping[str, Tensor], model: nn.Module, sparsity: float) -> Tensor:
-    """IMP's pruned set at ``sparsity``: units in the order IMP removed them (its scores)."""
-    return pruned_sets(pruned_at(model, imp_scores, sparsity).unit_masks)
+class IMPPrunedSets:
+    """IMP's pruned set at any sparsity (units in the order IMP removed them: its scores),
+    computed once per sparsity and shared by every method compared with it."""
+
+    def __init__(self, model: nn.Module, imp_scores: Mapping[str, Tensor]):
+        self.model, self.imp_scores, self._cache = model, imp_scores, {}
+
+    def at(self, sparsity: float) -> Tensor:
+        """The flat "pruned by IMP" vector at ``sparsity``."""
+        if sparsity not in self._cache:
+            self._cache[sparsity] = pruned_sets(
+                pruned_at(self.model, self.imp_scores, sparsity).unit_masks)
+        return self._cache[sparsity]
 
 
-def imp_overlaps(model: nn.Module, scores: Mapping[str, Tensor], imp_scores: Mapping[str, Tensor],
+def imp_overlaps(model: nn.Module, scores: Mapping[str, Tensor], imp: IMPPrunedSets,
                  sparsities: Sequence[float]) -> dict[str, dict]:
     """Overlap of the one-shot pruned set with IMP's at each (equal) sparsity."""
     out = {}
@@ -113,7 +123,7 @@ def imp_overlaps(model: nn.Module, scores: Mapping[str, Tensor], imp_scores: Map
         if sparsity <= 0:
             continue
         mine = pruned_sets(pruned_at(model, scores, sparsity).unit_masks)
-        out[f"{sparsity:g}"] = overlap(mine, imp_mask_at(imp_scores, model, sparsity))
+        out[f"{sparsity:g}"] = overlap(mine, imp.at(sparsity))
     return out
 
 

@@ -93,8 +93,8 @@ def _hook_overhead(model: nn.Module, loader, granularity: str, lr: float) -> flo
     return seconds[True] / max(seconds[False], 1e-12) - 1.0
 
 
-def _one_shot(name: str, scores, seconds: float, run: TrainedRun, splits, config, dense_val,
-              train_seconds: float, imp_scores, loader, finetune: bool) -> dict:
+def _one_shot(scores, seconds: float, run: TrainedRun, splits, config, dense_val,
+              train_seconds: float, imp: measure.IMPPrunedSets, loader, finetune: bool) -> dict:
     model = run.model
     floors = measure.floors(model, scores, dense_val, config.floor_drops, splits.val,
                             splits.test)
@@ -109,8 +109,7 @@ def _one_shot(name: str, scores, seconds: float, run: TrainedRun, splits, config
         finetune=(measure.finetuned(model, scores, config.finetune_sparsities, loader,
                                     config.finetune_epochs, config.lr, splits.test)
                   if finetune else None),
-        imp_overlap=measure.imp_overlaps(model, scores, imp_scores, overlap_at)
-        if imp_scores is not None else None,
+        imp_overlap=measure.imp_overlaps(model, scores, imp, overlap_at),
         unsampled=scores.unsampled() if coverage is not None else 0,
     )
 
@@ -158,7 +157,8 @@ def _imp_method(result, model: nn.Module, config: ExperimentConfig, splits, dens
                 dense_train_seconds=train_seconds)
 
 
-def _compare_with_imp(methods: dict, model: nn.Module, imp_scores, config: ExperimentConfig,
+def _compare_with_imp(methods: dict, model: nn.Module, imp: measure.IMPPrunedSets,
+                      config: ExperimentConfig,
                       dense_val: float, train_seconds: float) -> None:
     """The seed paper's comparisons for the main setting, at the first (-1 pt) floor.
 
@@ -174,7 +174,7 @@ def _compare_with_imp(methods: dict, model: nn.Module, imp_scores, config: Exper
         measure.pruned_at(model, main["scores"], bingo_sparsity).unit_masks)
     imp_floor = imp_method["floors"][key]
     main["seed_overlap"] = measure.overlap(
-        bingo_pruned, measure.imp_mask_at(imp_scores, model, imp_floor["sparsity"]))
+        bingo_pruned, imp.at(imp_floor["sparsity"]))
     bingo_seconds = train_seconds + main["extra_seconds"] + main["floors"][key]["seconds"]
     floor = dense_val - config.floor_drops[0]
     elapsed, matched = train_seconds, None
@@ -231,15 +231,15 @@ def run_seed(config: ExperimentConfig, dataset, seed: int, with_ablations: bool)
                          eval_fn=lambda m: accuracy(m, splits.val), keep_states=True,
                          progress=config.progress)
         imp_seconds = time.perf_counter() - start
-        imp_scores = imp_result.scores()
+        imp_sets = measure.IMPPrunedSets(model, imp_result.scores())
         methods = {}
         bar = tqdm(total=len(searches[granularity]) + len(CRITERIA), leave=False,
                    desc=f"seed {seed}: {granularity} criteria", disable=not config.progress)
         with bar:
             for name, search in searches[granularity].items():
                 methods[name] = _one_shot(
-                    name, search.significance(), search.seconds, run, splits, config, dense_val,
-                    stats.train_seconds, imp_scores, loader, finetune=name == MAIN)
+                    search.significance(), search.seconds, run, splits, config, dense_val,
+                    stats.train_seconds, imp_sets, loader, finetune=name == MAIN)
                 methods[name].update(searches=search.searches, path=search.path,
                                      config=search.config.scoring_fields())
                 if name == MAIN:
@@ -252,13 +252,13 @@ def run_seed(config: ExperimentConfig, dataset, seed: int, with_ablations: bool)
                 if name == "taylor":
                     seconds = max(0.0, _hook_overhead(model, loader, granularity, config.lr)
                                   ) * stats.train_seconds
-                methods[name] = _one_shot(name, scores, seconds, run, splits, config, dense_val,
-                                          stats.train_seconds, imp_scores, loader, finetune=True)
+                methods[name] = _one_shot(scores, seconds, run, splits, config, dense_val,
+                                          stats.train_seconds, imp_sets, loader, finetune=True)
                 bar.update()
         methods[IMP] = _imp_method(imp_result, model, config, splits, dense_val, dense_test,
                                    stats.train_seconds)
         methods[IMP]["wall_seconds"] = imp_seconds
-        _compare_with_imp(methods, model, imp_scores, config, dense_val, stats.train_seconds)
+        _compare_with_imp(methods, model, imp_sets, config, dense_val, stats.train_seconds)
         significance = methods[MAIN].pop("scores")
         out["granularities"][granularity] = dict(
             methods=methods,
