@@ -115,14 +115,13 @@ def _one_shot(scores, seconds: float, run: TrainedRun, splits, config, dense_val
 
 
 def _imp_method(result, model: nn.Module, config: ExperimentConfig, splits, dense_val: float,
-                dense_test: float, train_seconds: float) -> dict:
+                dense_test: float) -> dict:
     """IMP's rows: its own retrained network at each round, thresholds on validation."""
     rounds = []
     for r in result.rounds:
-        state = r.state
         rounds.append(dict(round=r.round, sparsity=r.sparsity, weight_sparsity=r.weight_sparsity,
                            val_accuracy=r.accuracy,
-                           test_accuracy=measure.state_accuracy(model, state, splits.test),
+                           test_accuracy=measure.state_accuracy(model, r.state, splits.test),
                            seconds=r.seconds, training_equivalents=r.training_equivalents))
     floors = {}
     for drop in config.floor_drops:
@@ -152,9 +151,7 @@ def _imp_method(result, model: nn.Module, config: ExperimentConfig, splits, dens
     return dict(kind="imp", extra_seconds=seconds,
                 training_equivalents=float(len(retrained)), floors=floors, curve=curve,
                 curve_sparsities=reached_sparsity,
-                finetune=None, imp_overlap=None, rounds=rounds,
-                train_seconds_per_round=seconds / max(len(rounds), 1),
-                dense_train_seconds=train_seconds)
+                finetune=None, imp_overlap=None, rounds=rounds)
 
 
 def _compare_with_imp(methods: dict, model: nn.Module, imp: measure.IMPPrunedSets,
@@ -237,13 +234,14 @@ def run_seed(config: ExperimentConfig, dataset, seed: int, with_ablations: bool)
                    desc=f"seed {seed}: {granularity} criteria", disable=not config.progress)
         with bar:
             for name, search in searches[granularity].items():
+                scores = search.significance()
                 methods[name] = _one_shot(
-                    search.significance(), search.seconds, run, splits, config, dense_val,
+                    scores, search.seconds, run, splits, config, dense_val,
                     stats.train_seconds, imp_sets, loader, finetune=name == MAIN)
                 methods[name].update(searches=search.searches, path=search.path,
                                      config=search.config.scoring_fields())
                 if name == MAIN:
-                    methods[name]["scores"] = search.significance()
+                    methods[name]["scores"] = scores
                 bar.update()
             for name, criterion in CRITERIA.items():
                 start = time.perf_counter()
@@ -255,8 +253,7 @@ def run_seed(config: ExperimentConfig, dataset, seed: int, with_ablations: bool)
                 methods[name] = _one_shot(scores, seconds, run, splits, config, dense_val,
                                           stats.train_seconds, imp_sets, loader, finetune=True)
                 bar.update()
-        methods[IMP] = _imp_method(imp_result, model, config, splits, dense_val, dense_test,
-                                   stats.train_seconds)
+        methods[IMP] = _imp_method(imp_result, model, config, splits, dense_val, dense_test)
         methods[IMP]["wall_seconds"] = imp_seconds
         _compare_with_imp(methods, model, imp_sets, config, dense_val, stats.train_seconds)
         significance = methods[MAIN].pop("scores")
