@@ -8,7 +8,8 @@ the run. Timings are interleaved across providers (round robin) after one warm-u
 Providers:
   naive_loop      SubsetMasks.materialize, then per subset k: torch.where(mask_k, W0, W), F.linear
   torch_backend   bingo_kernels.masked_reset_linear(..., backend="torch")
-  <name>_backend  every other backend in bingo_kernels.available_backends() (triton, cuda, ...)
+  <name>_backend  every accelerated backend (triton, cuda): timed where it can run on the device,
+                  else a "skipped" row saying why (so the column is always there)
   vmap            materialize, blend all K weight sets, torch.func.vmap(F.linear)
   torch_compile   torch.compile of the torch-backend call (only with --compile)
   bmm_ceiling     torch.bmm on pre-materialised blended weights: only the matmul is timed
@@ -261,9 +262,7 @@ def build_providers(shape: Shape, inp: dict, device: torch.device, args, cal: Ca
         est_seconds=t_hash + t_blend + t_mm + t_overhead)
     providers["torch_backend"] = Provider(backend_call("torch"), est_bytes=torch_bytes,
                                           est_seconds=t_torch)
-    for name in bk.available_backends():
-        if name == "torch":
-            continue
+    for name in bk.backends.AUTO_PREFERENCE:  # the accelerated backends, available or not
         p = Provider(backend_call(name), est_bytes=0.0, est_seconds=0.0)
         try:
             bk.resolve_backend(name, device)

@@ -3,7 +3,8 @@
 Providers (all on the same logits; each is checked against ``naive_loop`` before timing):
   naive_loop      for each subset k: F.cross_entropy and argmax accuracy
   torch_backend   bingo_kernels.subset_metrics(..., backend="torch")
-  <name>_backend  every other backend in bingo_kernels.available_backends() (triton, ...)
+  <name>_backend  every accelerated backend (triton, cuda): timed where it can run on the device,
+                  else a "skipped" row saying why
 
 Usage::
 
@@ -61,9 +62,7 @@ def bench_shape(K, B, C, dtype, device, args, writer) -> list:
     targets = torch.randint(0, C, (B,), generator=g).to(device)
     fns = {"naive_loop": lambda: naive(logits, targets),
            "torch_backend": lambda: bk.subset_metrics(logits, targets, backend="torch")}
-    for name in bk.available_backends():
-        if name == "torch":
-            continue
+    for name in bk.backends.AUTO_PREFERENCE:  # the accelerated backends, available or not
         try:
             bk.resolve_backend(name, device)
             why = bc.interpreted_backend_reason(name, device, args.preset == "ci")

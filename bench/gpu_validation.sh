@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# One-call validation of the triton backend on a CUDA machine, from the repository root:
+# One-call validation of the triton and cuda backends on a CUDA machine, from the repository root:
 #
 #   bash bench/gpu_validation.sh            # tests, then the benchmarks (quick grid)
 #   bash bench/gpu_validation.sh tests      # only the tests (compiled kernels, bf16 included)
 #   bash bench/gpu_validation.sh bench      # only the benchmarks
+#   bash bench/gpu_validation.sh sass       # only the cuda backend's ptxas -v report and SASS
 #   FULL=1 bash bench/gpu_validation.sh     # the benchmarks' full `--preset gpu` grid (long)
 #
 # Everything goes to bench/results/<NAME>* (NAME defaults to gpu-<date>): the pytest log, the
-# masked_reset_linear + TicketSearch.step CSV/markdown, the subset_metrics CSV/markdown.
+# masked_reset_linear + TicketSearch.step CSV/markdown, the subset_metrics CSV/markdown, the cuda
+# extension's JIT build log, `-Xptxas -v` report and SASS (for comparing with Triton's kernels).
 # Nothing here has been run yet on a GPU by the session that wrote it (it had none): expect
 # first-run fixes, and record the numbers only from an actual run.
 set -uo pipefail
@@ -34,15 +36,39 @@ if not torch.cuda.is_available():
 import triton, bingo_kernels as bk
 print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}; "
       f"backends {bk.available_backends()}; auto on cuda -> {bk.resolve_backend('auto', 'cuda')}")
+print(f"cuda backend: {bk.unavailable_reason('cuda') or 'available'}")
 EOF
 
+if [ "$what" = all ] || [ "$what" = tests ] || [ "$what" = bench ]; then
+  # The cuda backend's JIT build (ninja, sm_XY of this device: sm_90 on H100/H200), once, before
+  # anything uses it, so that a build failure shows here with its log rather than as skips.
+  python - <<'EOF' 2>&1 | tee "$out/$name-cuda-build.log"
+import time
+import bingo_kernels as bk
+from bingo_kernels import cuda
+from bingo_kernels.cuda import build
+if bk.unavailable_reason("cuda") is not None:
+    print(f"cuda backend unavailable: {bk.unavailable_reason('cuda')}")
+else:
+    t0 = time.perf_counter()
+    cuda.extension()
+    flags = build.NVCC_FLAGS + build.arch_flags()
+    print(f"cuda extension ready in {time.perf_counter() - t0:.1f} s (nvcc flags {flags}; "
+          f"cache {build.cache_dir(flags)})")
+EOF
+fi
+
 if [ "$what" = all ] || [ "$what" = tests ]; then
-  # test_triton_kernels: every kernel vs float64 and the torch backend on CUDA tensors (fp32,
-  # fp16, bf16), masks bit for bit, TicketSearch(backend="triton") == backend="torch" on CUDA,
-  # opcheck of the CUDA registration, backend="auto" dispatch. test_kernel_ops / test_search:
-  # the CPU contracts still hold with the CUDA kernels registered.
-  python -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_kernel_ops.py \
-    tests/test_search.py -ra 2>&1 | tee "$out/$name-tests.log"
+  # test_accelerated_kernels: every triton and cuda kernel on CUDA tensors vs float64 and the
+  # torch backend (cuda also vs triton: all three must agree), fp32 / fp16 / bf16 (+ fp64 for
+  # cuda), masks bit for bit, TicketSearch(backend=...) == backend="torch".
+  # test_triton_kernels: opcheck of the CUDA registration, backend="auto" dispatch, launch proof.
+  # test_cuda_ext: the JIT build and registration. test_kernel_ops / test_search: the CPU
+  # contracts still hold with the CUDA kernels registered; test_linear_metrics: the fused op.
+  python -m pytest -q -p no:cacheprovider tests/test_accelerated_kernels.py \
+    tests/test_triton_kernels.py tests/test_cuda_ext.py \
+    tests/test_kernel_ops.py tests/test_linear_metrics.py tests/test_search.py -ra 2>&1 \
+    | tee "$out/$name-tests.log"
   status=${PIPESTATUS[0]}
 fi
 
@@ -59,5 +85,31 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
     "${search_grid[@]}" || status=1
   python bench/bench_subset_metrics.py --preset gpu --device cuda --name "$name-metrics" \
     || status=1
+fi
+
+if [ "$what" = all ] || [ "$what" = sass ]; then
+  # For the "where is cuda slower than triton, and why" analysis: registers, spills and shared
+  # memory per kernel (-Xptxas -v), the SASS of the cuda kernels (HMMA in the fp16/bf16 GEMMs,
+  # FFMA in fp32, load widths, no LDGSTS/cp.async in ours) and of the Triton kernels this run
+  # compiled (from Triton's cache).
+  arch=$(python -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))")
+  sass="$out/$name-sass"
+  mkdir -p "$sass"
+  toolkit=$(python -c "from bingo_kernels.cuda import build; print(build.cuda_home() or '')")
+  export PATH="$PATH${toolkit:+:$toolkit/bin}"
+  command -v cuobjdump > /dev/null || echo "gpu_validation: cuobjdump not found: no SASS dumps"
+  : > "$out/$name-cuda-ptxas.txt"
+  for cu in csrc/kernels/*.cu; do
+    base=$(basename "$cu" .cu)
+    nvcc -O3 -std=c++17 -lineinfo -Icsrc -gencode "arch=compute_$arch,code=sm_$arch" -Xptxas -v \
+      -cubin -o "$sass/cuda-$base.cubin" "$cu" >> "$out/$name-cuda-ptxas.txt" 2>&1 || status=1
+    cuobjdump -sass "$sass/cuda-$base.cubin" > "$sass/cuda-$base.sass" 2>&1 || status=1
+  done
+  cache=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+  find "$cache" -name '*.cubin' 2>/dev/null | while read -r cubin; do
+    dir=$(basename "$(dirname "$cubin")")
+    cuobjdump -sass "$cubin" > "$sass/triton-$(basename "$cubin" .cubin)-${dir:0:8}.sass" 2>&1
+  done
+  echo "ptxas report: $out/$name-cuda-ptxas.txt; SASS: $sass/"
 fi
 exit "$status"

@@ -7,17 +7,17 @@ separate :mod:`bingo_kernels` package, which this one calls.
 
 __version__ = "0.1.0"
 
-from .errors import (BackendUnavailableError, BingoError, CheckpointError, InputMismatchError,
-                     InvalidOptionError, NoPrunableLayersError, NonFiniteError,
-                     UnreachableFloorError)
+from .errors import (BackendUnavailableError, BingoError, CheckpointError, DistributedError,
+                     InputMismatchError, InvalidOptionError, NoPrunableLayersError,
+                     NonFiniteError, UnreachableFloorError)
 from .estimators import ESTIMATORS, Significance, register_estimator
-from .pruning import PruneResult, StructuredResult, prune, shrink_mlp
+from .pruning import PruneResult, StructuredResult, prune, shrink_mlp, shrink_structured
 from .search import SearchConfig, TicketSearch
 from .units import find_units
 
 __all__ = [
-    "BackendUnavailableError", "BingoError", "CheckpointError", "ESTIMATORS",
+    "BackendUnavailableError", "BingoError", "CheckpointError", "DistributedError", "ESTIMATORS",
     "InputMismatchError", "InvalidOptionError", "NoPrunableLayersError", "NonFiniteError",
     "PruneResult", "SearchConfig", "StructuredResult", "Significance", "TicketSearch", "UnreachableFloorError", "__version__",
-    "find_units", "prune", "register_estimator", "shrink_mlp",
+    "find_units", "prune", "register_estimator", "shrink_mlp", "shrink_structured",
 ]

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from bingo import __version__, demo
+from bingo import __version__, demo, gpt
 from bingo.experiment import command as experiment
 from bingo.errors import BingoError
 
@@ -40,6 +40,13 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
+    "gpt": Command(
+        help="char-level GPT on Tiny Shakespeare: BINGO on heads + MLP neurons vs magnitude, wanda",
+        add_arguments=gpt.add_arguments, run=gpt.main,
+        description="Train a small character-level GPT on Tiny Shakespeare (--data-dir or "
+                    "$BINGO_DATA) with a structured ticket search attached, prune attention heads "
+                    "and MLP neurons to a validation-perplexity ceiling with BINGO, magnitude and "
+                    "Wanda scores, shrink the models, and report test perplexity vs sparsity."),
     "demo": Command(
         help="train LeNet-300-100 with a ticket search, prune it, compare with baselines",
         add_arguments=demo.add_arguments, run=demo.main,

@@ -38,6 +38,7 @@ __all__ = [
     "load_dataset",
     "load_digits",
     "load_mnist",
+    "load_tinyshakespeare",
     "make_loader",
     "read_idx",
     "split_dataset",
@@ -333,6 +334,55 @@ def load_mnist(
     x = torch.from_numpy(images).to(torch.float32).div_(255.0).unsqueeze(1)
     y = torch.from_numpy(labels).to(torch.int64)
     return TensorDataset(x, y)
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny Shakespeare (character-level language modelling)
+# --------------------------------------------------------------------------------------------
+
+TINYSHAKESPEARE_FILE = "input.txt"
+TINYSHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+TINYSHAKESPEARE_MD5 = "6fb458f1232090904fb40fe944165e91"
+"""MD5 of the canonical 1,115,394-byte file (checked on download and on load)."""
+
+
+def load_tinyshakespeare(data_dir: str | os.PathLike | None = None, download: bool = True) -> str:
+    """The Tiny Shakespeare corpus (Karpathy's char-rnn) as one string.
+
+    Looked up as ``input.txt`` in ``data_dir`` (else ``$BINGO_DATA``) or its ``tinyshakespeare/``
+    subfolder; downloaded from :data:`TINYSHAKESPEARE_URL` into ``root/tinyshakespeare`` when
+    missing and ``download`` is set. A file whose MD5 differs raises DataError.
+    """
+    root, origin = _resolve_root(data_dir)
+    hint = (f"put tinyshakespeare's {TINYSHAKESPEARE_FILE} in a directory (or its tinyshakespeare/ "
+            f"subfolder) and pass it as data_dir=... / --data-dir, or set {DATA_ENV_VAR}")
+    if root is None:
+        raise DataError(f"Tiny Shakespeare not found: {origin}; {hint}")
+    tried = [root / TINYSHAKESPEARE_FILE, root / "tinyshakespeare" / TINYSHAKESPEARE_FILE]
+    path = next((p for p in tried if p.is_file()), None)
+    if path is None:
+        if not download:
+            raise DataError(f"Tiny Shakespeare not found (data dir {root} from {origin}); looked "
+                            f"at {', '.join(map(str, tried))}; download=False; {hint}")
+        path = tried[1]
+        try:
+            with urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=DOWNLOAD_TIMEOUT_S) as r:
+                payload = r.read()
+        except Exception as exc:  # noqa: BLE001 - any network failure is reported the same way
+            raise DataError(f"Tiny Shakespeare not found under {root} ({origin}) and the "
+                            f"download from {TINYSHAKESPEARE_URL} failed: {exc}; {hint}") from exc
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".part")
+        partial.write_bytes(payload)
+        os.replace(partial, path)
+    raw = _read_bytes(path)
+    found = _md5(raw)
+    if found != TINYSHAKESPEARE_MD5:
+        raise DataError(f"{path}: MD5 checksum mismatch (expected {TINYSHAKESPEARE_MD5}, found "
+                        f"{found}); the file is corrupt or not Tiny Shakespeare")
+    return raw.decode("utf-8")
 
 
 # --------------------------------------------------------------------------------------------

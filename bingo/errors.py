@@ -29,3 +29,7 @@ class UnreachableFloorError(BingoError, ValueError):
 
 class CheckpointError(BingoError, RuntimeError):
     """A state_dict or checkpoint file is corrupt or belongs to a different model or config."""
+
+
+class DistributedError(BingoError, RuntimeError):
+    """A distributed ticket search cannot go on: a rank failed, timed out or disagrees with rank 0."""

@@ -22,7 +22,19 @@ METHOD_STYLES: dict[str, dict] = {
     "taylor": dict(color="tab:purple", marker="P"),
     "magnitude-increase": dict(color="tab:brown", marker="x"),
     "shapley": dict(color="tab:pink", marker="*"),
+    "wanda": dict(color="tab:red", marker="d"),
 }
+
+
+def _curves_axes(sparsities, curves: Mapping[str, Sequence[float]], dense: Optional[float]):
+    """A figure with one line per method over ``sparsities`` and the dense value dotted."""
+    figure = _figure()
+    ax = figure.add_subplot()
+    for name, values in curves.items():
+        ax.plot(sparsities, values, label=name, **METHOD_STYLES.get(name, {}))
+    if dense is not None:
+        ax.axhline(dense, color="black", linewidth=0.8, linestyle=":", label="dense")
+    return figure, ax
 
 
 def accuracy_vs_sparsity(path: Union[str, os.PathLike], sparsities: Sequence[float],
@@ -43,12 +55,7 @@ def accuracy_vs_sparsity(path: Union[str, os.PathLike], sparsities: Sequence[flo
     Returns:
         ``path`` as a string.
     """
-    figure = _figure()
-    ax = figure.add_subplot()
-    for name, accuracies in curves.items():
-        ax.plot(sparsities, accuracies, label=name, **METHOD_STYLES.get(name, {}))
-    if dense_accuracy is not None:
-        ax.axhline(dense_accuracy, color="black", linewidth=0.8, linestyle=":", label="dense")
+    figure, ax = _curves_axes(sparsities, curves, dense_accuracy)
     if chosen is not None:
         ax.plot(*chosen, marker="*", markersize=14, color="tab:red", linestyle="none",
                 label="bingo, pruned to the floor")
@@ -138,5 +145,26 @@ def histograms(path: Union[str, os.PathLike], values: Mapping[str, Sequence[floa
         ax.set_xlabel(xlabel)
         ax.set_ylabel("units")
     figure.suptitle(title)
+    figure.savefig(os.fspath(path), dpi=120)
+    return os.fspath(path)
+
+
+def metric_vs_sparsity(path: Union[str, os.PathLike], sparsities: Sequence[float],
+                       curves: Mapping[str, Sequence[float]], *, reference: Optional[float] = None,
+                       title: str, ylabel: str, xlabel: str = "sparsity (fraction of units)",
+                       log: bool = True) -> str:
+    """One curve per method of an unbounded metric (perplexity, loss) over ``sparsities``.
+
+    Unlike :func:`accuracy_vs_sparsity` the y axis is not [0, 1]: log-scaled by default, with
+    ``reference`` (the dense model) as a dotted line.
+    """
+    figure, ax = _curves_axes(sparsities, curves, reference)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left")
     figure.savefig(os.fspath(path), dpi=120)
     return os.fspath(path)

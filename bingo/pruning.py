@@ -3,11 +3,14 @@
 After training, the ticket search has produced a score per unit (a weight element, or a whole
 output neuron / channel). :func:`prune` ranks every unit of every scored layer globally and
 removes the lowest-ranked ones, either a fixed number (``sparsity=``) or as many as an accuracy
-floor allows (``floor=`` with ``eval_fn``). The pruned model uses :mod:`torch.nn.utils.prune`
+floor allows (``floor=`` with ``eval_fn``), or, for a lower-is-better metric such as perplexity, as
+many as a ceiling allows (``ceiling=``). The pruned model uses :mod:`torch.nn.utils.prune`
 masks, so the usual tools (``prune.remove``, ``prune.is_pruned``) work on it.
 
 For neuron-granularity scores on a plain MLP, :func:`shrink_mlp` turns the masked model into a
-physically smaller one that computes exactly the same function.
+physically smaller one that computes exactly the same function; for structured scores (attention
+heads keyed ``"<block>.heads"`` and MLP-block neurons, see :func:`bingo.units.find_units`),
+:func:`shrink_structured` does the same for transformers.
 """
 
 from __future__ import annotations
@@ -35,33 +38,16 @@ from bingo.errors import (
     UnreachableFloorError,
     require_option,
 )
-from bingo.units import LAYER_KINDS
+from bingo.attention import HeadLayout, head_layout, param_head_masks, shrink_heads
+from bingo.units import HEADS_KEY, LAYER_KINDS, linear_names, mlp_problem
 
-__all__ = ["PruneResult", "StructuredResult", "prune", "shrink_mlp"]
+__all__ = ["PruneResult", "StructuredResult", "prune", "shrink_mlp", "shrink_structured"]
 
 EvalFn = Callable[[nn.Module], float]
 
 # Module types whose weights carry scores (subclasses too, as in find_units). Both keep output
 # units on dim 0 of the weight.
 PRUNABLE_MODULES: tuple[type[nn.Module], ...] = tuple(LAYER_KINDS)
-
-# Modules shrink_mlp may pass through: they act on each feature independently, so a removed
-# neuron's constant output can be folded into the next layer's bias. Exact types only: a
-# subclass may override forward with something that mixes features.
-ELEMENTWISE_MODULES: frozenset[type[nn.Module]] = frozenset(
-    {
-        nn.ReLU,
-        nn.LeakyReLU,
-        nn.GELU,
-        nn.Tanh,
-        nn.Sigmoid,
-        nn.SiLU,
-        nn.ELU,
-        nn.Softplus,
-        nn.Identity,
-        nn.Dropout,
-    }
-)
 
 STRUCTURED_CHOICES = ("auto", True, False)
 
@@ -80,14 +66,15 @@ _SPEEDUP_REPEATS = 15
 class StructuredResult:
     """A physically smaller copy of a neuron-pruned MLP (see :func:`shrink_mlp`)."""
 
-    model: nn.Sequential = field(repr=False)
-    """The shrunk MLP; its outputs equal the masked model's."""
+    model: nn.Module = field(repr=False)
+    """The shrunk model (an nn.Sequential for an MLP); its outputs equal the masked model's."""
     parameters: int
     """Number of parameters of the shrunk model."""
     dense_parameters: int
     """Number of parameters of the unpruned model."""
-    speedup: float
-    """Measured CPU inference speedup: median dense forward time / median shrunk forward time."""
+    speedup: float | None
+    """Measured CPU inference speedup: median dense forward time / median shrunk forward time
+    (MLPs; None for other models, whose inputs bingo cannot synthesise)."""
 
 
 @dataclass
@@ -111,15 +98,18 @@ class PruneResult:
     weight_sparsity: float
     """Fraction of the elements of the scored weights that are masked to zero."""
     accuracy: float | None
-    """eval_fn of the pruned model, or None without eval_fn."""
+    """eval_fn of the pruned model (accuracy, or e.g. perplexity with ``ceiling``), or None
+    without eval_fn."""
     dense_accuracy: float | None
     """eval_fn of the unpruned model, or None without eval_fn."""
     floor: float | None
-    """The accuracy floor asked for, or None when pruning to a sparsity."""
+    """The accuracy floor asked for, or None (pruning to a sparsity or a ceiling)."""
     history: list[dict[str, Any]] = field(repr=False)
     """Floor search evaluations sorted by pruned_units: pruned_units, sparsity, accuracy, phase."""
     structured: StructuredResult | None
-    """The shrunk MLP for neuron-pruned MLPs, else None."""
+    """The shrunk model (neuron-pruned MLPs, structured-pruned transformers), else None."""
+    ceiling: float | None = None
+    """The ceiling asked for (lower-is-better eval_fn, e.g. perplexity), or None."""
 
     def export_state_dict(self) -> dict[str, Tensor]:
         """A plain state_dict of the pruned model: usual names (no _orig/_mask), zeros where pruned.
@@ -179,6 +169,8 @@ class _ScoredLayer:
     """Flat scores on the CPU."""
     coverage: Tensor | None
     """Flat sample counts on the CPU, or None when the scores carry no coverage."""
+    heads: bool = False
+    """Whether the key names an attention block's heads (``"<block>.heads"``)."""
 
     @property
     def units(self) -> int:
@@ -190,10 +182,27 @@ def _module_of(model: nn.Module, key: str) -> tuple[str, nn.Module]:
     return module_name, model.get_submodule(module_name)
 
 
+def _head_layout_of(key: str, model: nn.Module) -> HeadLayout | None:
+    """The heads a ``"<block>.heads"`` score key names, or None for other keys."""
+    module_name, _, last = key.rpartition(".")
+    if last != HEADS_KEY:
+        return None
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return None
+    return head_layout(module_name, module)
+
+
 def _check_key(key: str, model: nn.Module, params: Mapping[str, Tensor]) -> tuple[str, Tensor]:
     """Return (module_name, weight) for a score key, or raise naming what is wrong with it."""
     if not isinstance(key, str):
         raise InputMismatchError(f"score keys must be parameter names (str); got {key!r}")
+    if key.rpartition(".")[2] == HEADS_KEY and key not in params:
+        raise InputMismatchError(
+            f"score key '{key}' names heads, but '{key.rpartition('.')[0]}' is not a recognised "
+            "attention block (nn.MultiheadAttention, or one declared with "
+            "bingo.attention.declare_heads)")
     if key not in params:
         if key + "_orig" in params:
             raise InputMismatchError(
@@ -287,12 +296,22 @@ def _scored_layers(
     layers: list[_ScoredLayer] = []
     granularities: dict[str, str] = {}
     for key, score in scores.items():
-        module_name, weight = _check_key(key, model, params)
+        heads = _head_layout_of(key, model)
         flat = _flat_cpu(key, "scores", score)
-        granularities[key] = _granularity_of(key, score, weight)
+        if heads is not None:
+            if tuple(score.shape) != (heads.num_heads,):
+                raise InputMismatchError(f"scores['{key}'] has shape {tuple(score.shape)}; "
+                                         f"expected ({heads.num_heads},) (one per head)")
+            module_name, granularities[key] = heads.name, "head"
+        else:
+            module_name, weight = _check_key(key, model, params)
+            granularities[key] = _granularity_of(key, score, weight)
         cov = None if coverage is None else _flat_coverage(key, coverage[key], score)
-        layers.append(_ScoredLayer(key, module_name, tuple(score.shape), flat, cov))
+        layers.append(_ScoredLayer(key, module_name, tuple(score.shape), flat, cov,
+                                   heads is not None))
     kinds = set(granularities.values())
+    if "head" in kinds and kinds <= {"head", "neuron"}:
+        return layers, "structured"  # heads with MLP neurons: the structured unit set
     if len(kinds) > 1:
         detail = ", ".join(f"'{k}': {g}" for k, g in granularities.items())
         raise InvalidOptionError(f"all scores must share one granularity; got a mix ({detail})")
@@ -381,7 +400,7 @@ def _unit_masks(
 ) -> dict[str, Tensor]:
     masks = {}
     for layer, keep in zip(layers, ranking.keep_flat(count)):
-        device = model.get_submodule(layer.module_name).weight.device
+        device = next(model.get_submodule(layer.module_name).parameters()).device
         masks[layer.key] = keep.view(layer.unit_shape).to(device)
     return masks
 
@@ -392,8 +411,13 @@ def _param_masks(
     masks = {}
     for layer in layers:
         module = model.get_submodule(layer.module_name)
+        if layer.heads:  # keep-masks of the kept heads' rows and columns
+            masks.update(param_head_masks(head_layout(layer.module_name, module),
+                                          unit_masks[layer.key]))
+            continue
         prefix = f"{layer.module_name}." if layer.module_name else ""
-        for pname, mask in PARAM_MASKS[granularity](unit_masks[layer.key], module).items():
+        unit_kind = "neuron" if granularity == "structured" else granularity
+        for pname, mask in PARAM_MASKS[unit_kind](unit_masks[layer.key], module).items():
             masks[prefix + pname] = mask
     return masks
 
@@ -502,8 +526,28 @@ def _bisect_steps(width: int, tolerance: int) -> int:
     return steps
 
 
+@dataclass(frozen=True)
+class _Bound:
+    """What the floor search must keep: ``eval_fn >= floor``, or ``eval_fn <= ceiling``."""
+
+    value: float
+    """The floor or the ceiling."""
+    lower_is_better: bool
+    """True for a ceiling (perplexity, loss), False for a floor (accuracy)."""
+
+    def passes(self, value: float) -> bool:
+        return value <= self.value if self.lower_is_better else value >= self.value
+
+    def unreachable(self, dense: float) -> str:
+        if self.lower_is_better:
+            return (f"the unpruned model scores {dense:.6g}, above the ceiling {self.value:.6g}; "
+                    "raise the ceiling or check eval_fn")
+        return (f"the unpruned model reaches accuracy {dense:.6g}, below the floor "
+                f"{self.value:.6g}; lower the floor or check eval_fn")
+
+
 def _search_floor(
-    evaluate: _Evaluator, max_count: int, floor: float, grid: int, tolerance: int
+    evaluate: _Evaluator, max_count: int, bound: _Bound, grid: int, tolerance: int
 ) -> int:
     """The pruned count the floor allows: grid search for the first failure, then bisect its cell.
 
@@ -511,21 +555,18 @@ def _search_floor(
     grid point is trusted, and the answer is always a count that was evaluated and passed.
     """
     dense = evaluate(0, "grid")
-    if dense < floor:
-        raise UnreachableFloorError(
-            f"the unpruned model reaches accuracy {dense:.6g}, below the floor {floor:.6g}; "
-            "lower the floor or check eval_fn"
-        )
+    if not bound.passes(dense):
+        raise UnreachableFloorError(bound.unreachable(dense))
     points = _grid_points(max_count, grid)
     accuracies = [evaluate(count, "grid") for count in points]
-    failing = [i for i, accuracy in enumerate(accuracies) if accuracy < floor]
+    failing = [i for i, accuracy in enumerate(accuracies) if not bound.passes(accuracy)]
     if not failing:
         return max_count
     lo, hi = points[failing[0] - 1], points[failing[0]]
     evaluate.expect(len(points) + _bisect_steps(hi - lo, tolerance))
     while hi - lo > tolerance:
         mid = (lo + hi) // 2
-        if evaluate(mid, "bisect") >= floor:
+        if bound.passes(evaluate(mid, "bisect")):
             lo = mid
         else:
             hi = mid
@@ -584,38 +625,9 @@ def _check_unsampled(
 # --------------------------------------------------------------------------------------------
 
 
-def _is_plain_flatten(module: nn.Module) -> bool:
-    # Other dims would fold the batch or keep extra ones; neither is an MLP input.
-    return type(module) is nn.Flatten and (module.start_dim, module.end_dim) == (1, -1)
-
-
-def _mlp_problem(model: nn.Module) -> str | None:
-    """Why shrink_mlp cannot handle ``model``, or None when it can."""
-    if not isinstance(model, nn.Sequential):
-        return f"shrink_mlp needs an nn.Sequential, got {type(model).__name__}"
-    supported = ", ".join(sorted(t.__name__ for t in ELEMENTWISE_MODULES))
-    for position, (name, child) in enumerate(model.named_children()):
-        if type(child) is nn.Linear or type(child) in ELEMENTWISE_MODULES:
-            continue
-        if position == 0 and _is_plain_flatten(child):
-            continue
-        return (
-            f"shrink_mlp supports an nn.Sequential of nn.Linear and elementwise modules "
-            f"({supported}) with an optional leading nn.Flatten(); child '{name}' "
-            f"({child.__class__.__name__}) is not supported"
-        )
-    if not any(type(child) is nn.Linear for child in model):
-        return "shrink_mlp needs at least one nn.Linear in the nn.Sequential"
-    return None
-
-
-def _linear_names(model: nn.Sequential) -> list[str]:
-    return [name for name, child in model.named_children() if type(child) is nn.Linear]
-
-
 def _mask_problem(model: nn.Sequential, unit_masks: Mapping[str, Tensor]) -> str | None:
     """Why ``unit_masks`` cannot shrink ``model`` (an MLP shrink_mlp supports), or None."""
-    names = _linear_names(model)
+    names = linear_names(model)
     keys = {f"{name}.weight": name for name in names}
     for key, mask in unit_masks.items():
         if key not in keys:
@@ -654,27 +666,26 @@ def _zero_image(modules: list[nn.Module], width: int, like: Tensor) -> Tensor:
     return value[0]
 
 
-def _small_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
-    out_features, in_features = weight.shape
-    linear = nn.Linear(
-        in_features,
-        out_features,
-        bias=bias is not None,
-        device=weight.device,
-        dtype=weight.dtype,
-    )
+def with_parameters(layer: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.Module:
+    """``layer`` (freshly built with matching shapes) holding copies of ``weight`` and ``bias``."""
     with torch.no_grad():
-        linear.weight.copy_(weight)
+        layer.weight.copy_(weight)
         if bias is not None:
-            linear.bias.copy_(bias)
-    return linear
+            layer.bias.copy_(bias)
+    return layer
+
+
+def small_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    out_features, in_features = weight.shape
+    return with_parameters(nn.Linear(in_features, out_features, bias=bias is not None,
+                                     device=weight.device, dtype=weight.dtype), weight, bias)
 
 
 def shrink_mlp(model: nn.Module, unit_masks: Mapping[str, Tensor]) -> nn.Sequential:
     """Remove pruned hidden neurons from an MLP, giving a smaller model with the same outputs.
 
     ``model`` is an nn.Sequential of nn.Linear and elementwise modules (see
-    ``ELEMENTWISE_MODULES``), optionally led by nn.Flatten(); it may be dense or already masked.
+    ``bingo.units.ELEMENTWISE_MODULES``), optionally led by nn.Flatten(); it may be dense or already masked.
     ``unit_masks`` maps "<index>.weight" to a bool keep-mask of shape (out_features,) (neuron
     granularity, as in :attr:`PruneResult.unit_masks`); absent layers keep every neuron, and the
     final Linear must keep all its outputs.
@@ -684,7 +695,7 @@ def shrink_mlp(model: nn.Module, unit_masks: Mapping[str, Tensor]) -> nn.Sequent
     W_{i+1}[:, j] * act(0) is folded into b_{i+1}, creating that bias if needed. Dropout is taken
     in eval mode.
     """
-    problem = _mlp_problem(model)
+    problem = mlp_problem(model)
     if problem is None:
         problem = _mask_problem(model, unit_masks)
     if problem is not None:
@@ -715,16 +726,66 @@ def shrink_mlp(model: nn.Module, unit_masks: Mapping[str, Tensor]) -> nn.Sequent
         kept = mask.to(weight.device)
         weight = weight[kept]
         bias = None if bias is None else bias[kept]
-        children.append(_small_linear(weight, bias))
+        children.append(small_linear(weight, bias))
         after_kept = []
     return nn.Sequential(*children).train(model.training)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``name`` in ``model``; returns the model (``new`` itself when name is "")."""
+    if not name:
+        return new
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+    return model
+
+
+def _mlp_block_masks(model: nn.Module, unit_masks: Mapping[str, Tensor]
+                     ) -> dict[str, dict[str, Tensor]]:
+    """Neuron masks grouped by the MLP block (nn.Sequential) holding their Linear."""
+    blocks: dict[str, dict[str, Tensor]] = {}
+    for key, mask in unit_masks.items():
+        if key.rpartition(".")[2] == HEADS_KEY and _head_layout_of(key, model) is not None:
+            continue
+        linear = key.rpartition(".")[0]
+        block, _, child = linear.rpartition(".")
+        parent = model.get_submodule(block) if block else None
+        problem = None if parent is None else mlp_problem(parent)
+        if not child or problem is not None:
+            raise InputMismatchError(
+                f"cannot shrink '{key}': its Linear is not inside an MLP block ("
+                f"{problem or 'no parent nn.Sequential'}); structured shrinking removes heads "
+                "and hidden neurons of nn.Sequential MLP blocks")
+        blocks.setdefault(block, {})[f"{child}.weight"] = mask
+    return blocks
+
+
+def shrink_structured(model: nn.Module, unit_masks: Mapping[str, Tensor]) -> nn.Module:
+    """A physically smaller copy of ``model`` without the pruned heads and MLP neurons.
+
+    ``unit_masks`` maps ``"<attention block>.heads"`` to a bool keep-mask over its heads and the
+    weight name of a hidden Linear of an nn.Sequential MLP block to a keep-mask over its neurons
+    (as in :attr:`PruneResult.unit_masks` of structured scores). Heads lose their q/k/v rows and
+    o-projection columns (:func:`bingo.attention.shrink_heads`; nn.MultiheadAttention becomes a
+    :class:`bingo.attention.PrunedMultiheadAttention`), MLP blocks are shrunk by
+    :func:`shrink_mlp`. ``model`` may be dense or masked; it is not modified. The result computes
+    what the masked model computes (a pruned head contributes nothing: its o columns are zero).
+    """
+    small = copy.deepcopy(model)
+    for key, mask in unit_masks.items():
+        layout = _head_layout_of(key, small)
+        if layout is not None:
+            small = _replace(small, layout.name, shrink_heads(layout, mask.bool().cpu()))
+    for block, masks in _mlp_block_masks(small, unit_masks).items():
+        small = _replace(small, block, shrink_mlp(small.get_submodule(block), masks))
+    return small
 
 
 def _parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _median_seconds_interleaved(models: list[nn.Module], batch: Tensor) -> list[float]:
+def median_seconds_interleaved(models: list[nn.Module], batch: Tensor) -> list[float]:
     """Median forward time of each model; runs alternate so drift in machine load hits all alike."""
     times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
@@ -741,14 +802,14 @@ def _median_seconds_interleaved(models: list[nn.Module], batch: Tensor) -> list[
 
 def _measured_speedup(dense: nn.Sequential, small: nn.Sequential) -> float:
     """CPU speedup of ``small`` over ``dense`` (a plain MLP this function may move and modify)."""
-    first = dense.get_submodule(_linear_names(dense)[0])
+    first = dense.get_submodule(linear_names(dense)[0])
     dense_cpu = dense.cpu().eval()
     small_cpu = copy.deepcopy(small).cpu().eval()
     generator = torch.Generator().manual_seed(0)
     batch = torch.randn(
         _SPEEDUP_BATCH_ROWS, first.in_features, generator=generator, dtype=first.weight.dtype
     )
-    dense_s, small_s = _median_seconds_interleaved([dense_cpu, small_cpu], batch)
+    dense_s, small_s = median_seconds_interleaved([dense_cpu, small_cpu], batch)
     return dense_s / max(small_s, 1e-12)
 
 
@@ -758,11 +819,20 @@ def _structured(
     """The shrunk model for ``structured=option``; ``model`` is still dense here."""
     if option is False:
         return None
+    if granularity == "structured":
+        try:
+            small = shrink_structured(model, unit_masks)
+        except InputMismatchError as exc:
+            if option == "auto":
+                return None
+            raise InputMismatchError(f"structured=True: {exc}") from exc
+        return StructuredResult(model=small, parameters=_parameter_count(small),
+                                dense_parameters=_parameter_count(model), speedup=None)
     problem = None
     if granularity != "neuron":
         problem = f"structured shrinking needs neuron-granularity scores, got {granularity}"
     if problem is None:
-        problem = _mlp_problem(model) or _mask_problem(model, unit_masks)
+        problem = mlp_problem(model) or _mask_problem(model, unit_masks)
     if problem is not None:
         if option == "auto":
             return None
@@ -788,6 +858,7 @@ def _is_real(value: Any) -> bool:
 
 def _check_options(
     floor: float | None,
+    ceiling: float | None,
     sparsity: float | None,
     eval_fn: EvalFn | None,
     min_keep: float,
@@ -795,13 +866,17 @@ def _check_options(
     tolerance: int,
     structured: bool | str,
 ) -> None:
-    if (floor is None) == (sparsity is None):
-        raise InvalidOptionError("pass exactly one of floor= (with eval_fn) or sparsity=")
-    if floor is not None:
-        if not _is_real(floor) or not math.isfinite(floor):
-            raise InvalidOptionError(f"floor must be a finite number, got {floor!r}")
+    if sum(v is not None for v in (floor, ceiling, sparsity)) != 1:
+        raise InvalidOptionError(
+            "pass exactly one of floor= or ceiling= (with eval_fn) or sparsity=")
+    for name, bound in (("floor", floor), ("ceiling", ceiling)):
+        if bound is None:
+            continue
+        if not _is_real(bound) or not math.isfinite(bound):
+            raise InvalidOptionError(f"{name} must be a finite number, got {bound!r}")
         if eval_fn is None:
-            raise InvalidOptionError("floor= needs eval_fn= (a function model -> accuracy)")
+            raise InvalidOptionError(f"{name}= needs eval_fn= (a function model -> "
+                                     f"{'accuracy' if name == 'floor' else 'e.g. perplexity'})")
     if sparsity is not None and (not _is_real(sparsity) or not 0.0 <= sparsity <= 1.0):
         raise InvalidOptionError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
     if eval_fn is not None and not callable(eval_fn):
@@ -820,7 +895,7 @@ def _floor_count(
     layers: list[_ScoredLayer],
     granularity: str,
     ranking: _Ranking,
-    floor: float,
+    bound: _Bound,
     eval_fn: EvalFn,
     grid: int,
     tolerance: int,
@@ -831,7 +906,7 @@ def _floor_count(
                unit="eval", disable=not progress)
     try:
         evaluate = _Evaluator(writer, eval_fn, ranking.total, bar)
-        count = _search_floor(evaluate, ranking.max_pruned, floor, grid, tolerance)
+        count = _search_floor(evaluate, ranking.max_pruned, bound, grid, tolerance)
     finally:
         # The working model may be the caller's (inplace=True): never leave it half-pruned.
         writer.restore()
@@ -847,6 +922,7 @@ def prune(
     floor: float | None = None,
     sparsity: float | None = None,
     eval_fn: EvalFn | None = None,
+    ceiling: float | None = None,
     min_keep: float = 0.0,
     grid: int = 8,
     tolerance: int = 1,
@@ -864,6 +940,8 @@ def prune(
             Higher means keep. An attribute ``coverage`` (same keys and shapes) marks units the
             ticket search never sampled (0); pruning those raises unless ``allow_unsampled``.
         floor: prune as much as keeps ``eval_fn(model) >= floor``; needs ``eval_fn``.
+        ceiling: prune as much as keeps ``eval_fn(model) <= ceiling`` (a lower-is-better
+            metric such as perplexity); needs ``eval_fn``. Same search as ``floor``.
         sparsity: prune exactly ``round(sparsity * total_units)`` units instead.
         eval_fn: model -> accuracy. With ``sparsity``, only reported.
         min_keep: fraction of each layer's units always kept (besides at least one per layer).
@@ -880,7 +958,7 @@ def prune(
     was evaluated and passed. Never-sampled units are checked at the chosen count, so with
     ``floor`` the error comes after the search.
     """
-    _check_options(floor, sparsity, eval_fn, min_keep, grid, tolerance, structured)
+    _check_options(floor, ceiling, sparsity, eval_fn, min_keep, grid, tolerance, structured)
     layers, granularity = _scored_layers(model, scores)
     ranking = _rank(layers, min_keep)
     # One working model for everything: the floor search rewrites its weights in place, and it
@@ -889,9 +967,10 @@ def prune(
 
     history: list[dict[str, Any]] = []
     dense_accuracy = accuracy = None
-    if floor is not None:
+    if sparsity is None:
+        bound = _Bound(float(floor), False) if floor is not None else _Bound(float(ceiling), True)
         count, evaluate = _floor_count(
-            work, layers, granularity, ranking, floor, eval_fn, grid, tolerance, progress
+            work, layers, granularity, ranking, bound, eval_fn, grid, tolerance, progress
         )
         history = sorted(evaluate.history, key=lambda point: point["pruned_units"])
         dense_accuracy, accuracy = evaluate.accuracy[0], evaluate.accuracy[count]
@@ -902,14 +981,14 @@ def prune(
     _check_unsampled(layers, unit_masks, allow_unsampled)
     masks = _param_masks(layers, unit_masks, granularity, work)
 
-    if floor is None and eval_fn is not None:
+    if sparsity is not None and eval_fn is not None:
         dense_accuracy = _accuracy_value(eval_fn(work), 0)
     structured_result = _structured(work, unit_masks, granularity, structured)
     _apply_torch_masks(work, masks)
-    if floor is None and eval_fn is not None:
+    if sparsity is not None and eval_fn is not None:
         accuracy = _accuracy_value(eval_fn(work), count)
 
-    weight_masks = [masks[layer.key] for layer in layers]
+    weight_masks = [mask for name, mask in masks.items() if name.endswith("weight")]
     zeroed = sum(int((~m).sum()) for m in weight_masks)
     return PruneResult(
         model=work,
@@ -925,4 +1004,5 @@ def prune(
         floor=float(floor) if floor is not None else None,
         history=history,
         structured=structured_result,
+        ceiling=float(ceiling) if ceiling is not None else None,
     )

@@ -31,10 +31,11 @@ from torch import Tensor, nn
 
 import bingo_kernels as bk
 
+from . import distributed as dist_search
 from .errors import (CheckpointError, InputMismatchError, InvalidOptionError, NonFiniteError,
                      require_option)
 from .estimators import (Significance, UnitStatistics, make_estimator, significance_from)
-from .executor import PATHS, BatchedEvaluator, Design
+from .executor import PATHS, BatchedEvaluator, Design, Metrics
 from .units import GRANULARITIES, UnitLayout, find_units
 
 STATE_FORMAT = "bingo.TicketSearch"
@@ -112,6 +113,20 @@ class SearchConfig:
         return out
 
 
+@dataclass
+class ShardDesign(Design):
+    """The subsets ``[k_offset, k_offset + num_subsets)`` of a search: one rank's share.
+
+    ``num_subsets`` is the share's size, so the evaluator and ``subset_unit_sums`` see a plain
+    K; the offset makes its masks those of the global subset indices (a pure function of k).
+    """
+
+    k_offset: int = 0
+
+    def masks(self, layout, group, k_start, num):
+        return super().masks(layout, group, self.k_offset + k_start, num)
+
+
 class TicketSearch:
     """Runs BINGO ticket searches after training steps and accumulates significance evidence.
 
@@ -120,6 +135,13 @@ class TicketSearch:
         search_data: optional iterable of ``(inputs, targets)`` batches to search on instead of the
             training batch (iterated again at the end of each pass, so a shuffling DataLoader
             reshuffles; restarts from its beginning after ``load_state_dict``).
+        distributed: ``"auto"`` (default: when torch.distributed is initialised at a search,
+            the ranks of the default group split the K subsets and all-reduce the statistics, with
+            the same scores as one process), ``False`` (every process searches alone), ``True``
+            (require an initialised group) or a ``ProcessGroup``. See :mod:`bingo.distributed`.
+        sync_batch: with several ranks, ``"check"`` (default: every rank must pass the same batch;
+            a cheap checksum verifies it) or ``"broadcast"`` (rank 0's batch is sent to all).
+        timeout: seconds a rank waits in a search's collectives before raising DistributedError.
         Other keyword arguments: the fields of :class:`SearchConfig`.
 
     Attributes:
@@ -135,7 +157,8 @@ class TicketSearch:
                  backend: str = "auto", *, literal: bool = False,
                  rewind_step: Optional[int] = None, include=None, exclude=None,
                  search_data: Optional[Iterable] = None, path: str = "auto",
-                 memory_budget: int = 512 * 2**20):
+                 memory_budget: int = 512 * 2**20, distributed="auto",
+                 sync_batch: str = "check", timeout: float = 600.0):
         if not isinstance(model, nn.Module):
             raise InvalidOptionError(f"model must be an nn.Module, got {type(model).__name__}")
         include = [include] if isinstance(include, str) else include
@@ -146,6 +169,10 @@ class TicketSearch:
             rewind_step=rewind_step, include=list(include) if include else None,
             exclude=list(exclude) if exclude else None, path=path, memory_budget=memory_budget)
         self.config.validate()
+        # Not part of SearchConfig: how the work is split changes no score, and a checkpoint must
+        # load on any number of ranks.
+        dist_search.validate_options(distributed, sync_batch, timeout)
+        self.distributed, self.sync_batch, self.timeout = distributed, sync_batch, float(timeout)
         self.estimator = make_estimator(score, metric, literal)
         self.model = model
         self.layout: UnitLayout = find_units(model, granularity, include, exclude)
@@ -195,9 +222,8 @@ class TicketSearch:
     def _snapshot(self) -> dict[str, Tensor]:
         snap = {}
         for g in self.layout.groups:
-            snap[g.param_name] = g.module.weight.detach().clone()
-            if g.bias_name:
-                snap[g.bias_name] = g.module.bias.detach().clone()
+            for name, t in g.tensors().items():  # weight and bias, or every head parameter
+                snap[name] = t.detach().clone()
         for name, t in snap.items():
             if not bool(torch.isfinite(t).all()):
                 raise NonFiniteError(f"the reset snapshot of {name!r} contains NaN or Inf")
@@ -233,12 +259,22 @@ class TicketSearch:
             self.init = self._snapshot()
         if (self.calls - 1) % cfg.every != 0 or (cfg.reset == "rewind" and self.init is None):
             return None
-        inputs, targets = self._search_batch(inputs, targets)
         start = time.perf_counter()
+        group = dist_search.resolve_group(self.distributed)
+        comm = None if group is None else \
+            dist_search.Communicator(group, self.timeout, self._device)
+        if comm is not None and self.sync_batch == "broadcast":
+            # Only rank 0's batch (or search_data) is used; the others receive it.
+            if comm.rank == 0:
+                inputs, targets = self._search_batch(inputs, targets)
+            inputs, targets = comm.broadcast_batch(inputs, targets, self.searches)
+            self._check_batch(inputs, targets)
+        else:
+            inputs, targets = self._search_batch(inputs, targets)
         was_training = self.model.training
         self.model.eval()  # searches must be deterministic: no dropout, batch norm frozen
         try:
-            record = self._search(inputs, targets)
+            record = self._search(inputs, targets, comm)
         finally:
             self.model.train(was_training)
         record["seconds"] = time.perf_counter() - start
@@ -250,6 +286,10 @@ class TicketSearch:
         if self.search_data is not None:
             batch = self._next_search_batch()
             inputs, targets = batch[0], batch[1]
+        self._check_batch(inputs, targets)
+        return inputs, targets
+
+    def _check_batch(self, inputs, targets) -> None:
         if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
             raise InputMismatchError(
                 "step(inputs, targets) needs two tensors (or search_data given at construction)")
@@ -267,7 +307,6 @@ class TicketSearch:
             raise InputMismatchError(
                 f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must share the "
                 "batch dimension")
-        return inputs, targets
 
     def _next_search_batch(self):
         # Re-iterates search_data at the end of each pass rather than replaying stored batches
@@ -283,17 +322,30 @@ class TicketSearch:
 
     def _check_weights(self) -> None:
         for g in self.layout.groups:
-            for name, t in ((g.param_name, g.module.weight), (g.bias_name, g.module.bias)):
+            for name, t in g.tensors().items():
                 if t is not None and not bool(torch.isfinite(t).all()):
                     raise NonFiniteError(f"parameter {name!r} contains NaN or Inf")
 
-    def _search(self, inputs: Tensor, targets: Tensor) -> dict:
-        self._check_weights()
+    def _search(self, inputs: Tensor, targets: Tensor,
+                comm: Optional[dist_search.Communicator] = None) -> dict:
         cfg = self.config
-        before = self.evaluator.baseline(inputs, targets)
-        design = Design(cfg.seed, self.searches, cfg.subsets, self.probs)
-        init = None if cfg.reset == "zero" else self.init
-        after = self.evaluator.subsets(inputs, targets, design, init)
+        lo, hi = (0, cfg.subsets) if comm is None else \
+            dist_search.shard(cfg.subsets, comm.rank, comm.world)
+        design = ShardDesign(cfg.seed, self.searches, hi - lo, self.probs, k_offset=lo)
+        try:
+            self._check_weights()
+            before = self.evaluator.baseline(inputs, targets)
+            init = None if cfg.reset == "zero" else self.init
+            after = self.evaluator.subsets(inputs, targets, design, init) if hi > lo else None
+        except Exception:
+            if comm is not None:  # peers raise at once, naming this rank, instead of timing out
+                try:
+                    comm.exchange_headers(dict(failed=1.0), self.searches)
+                except dist_search.DistributedError:
+                    pass  # the peers are gone too; this rank's own error is the one to report
+            raise
+        if comm is not None:
+            before, after = self._gather(comm, inputs, targets, before, after, lo, hi)
         for name, m in (("before", before), ("after", after)):
             for metric in ("loss", "accuracy"):
                 if not bool(torch.isfinite(m.get(metric)).all()):
@@ -307,20 +359,56 @@ class TicketSearch:
         if values is None:
             self.skipped += 1
         else:
-            self._accumulate(design, values)
+            self._accumulate(design, values, comm)
         self.searches += 1
         return record
 
-    def _accumulate(self, design: Design, values: Tensor) -> None:
+    def _gather(self, comm, inputs, targets, before: Metrics, after: Optional[Metrics], lo, hi
+                ) -> tuple[Metrics, Metrics]:
+        """Every rank's K metrics on every rank, after checking the ranks searched alike."""
+        cfg = self.config
+        header = dict(failed=0.0, calls=self.calls, searches=self.searches, subsets=cfg.subsets,
+                      seed=cfg.seed, units=self.layout.total,
+                      before_loss=float(before.loss), before_accuracy=float(before.accuracy))
+        for key, t in (("inputs", inputs), ("targets", targets)):
+            header[key + "_numel"], header[key + "_sum"], header[key + "_sumsq"] = \
+                dist_search.checksum(t)
+        header["weights_sum"], header["weights_sumsq"] = dist_search.weights_checksum(
+            [t for g in self.layout.groups for t in g.tensors().values() if t is not None])
+        headers = comm.exchange_headers(header, self.searches)
+        comm.check_headers(headers, self.searches)
+        loss, accuracy = comm.gather_metrics(
+            lo, hi, cfg.subsets, None if after is None else after.loss,
+            None if after is None else after.accuracy, self.searches)
+        # Rank 0's unreset metrics on every rank (the checks above make them agree up to
+        # summation order), so that every rank derives identical subset values and state.
+        ref = dict(zip(dist_search.HEADER, headers[0].tolist()))
+        before = Metrics(torch.tensor(ref["before_loss"], dtype=torch.float64),
+                         torch.tensor(ref["before_accuracy"], dtype=torch.float64))
+        return before, Metrics(loss, accuracy)
+
+    def _accumulate(self, design: "ShardDesign", values: Tensor,
+                    comm: Optional[dist_search.Communicator] = None) -> None:
         v = values.to(self._device, torch.float64)
         columns = torch.stack([torch.ones_like(v), v, v * v], dim=1)
+        # This process's subsets only (all of them without a process group).
+        local = columns[design.k_offset:design.k_offset + design.num_subsets]
+        sums = {}
         for g in self.layout.groups:
-            sums = bk.subset_unit_sums(columns.float(), design.masks(self.layout, g, 0,
-                                                                     design.num_subsets),
-                                       g.num_units, backend=self.config.backend)
             # One search's sums are float32 (counts exact up to 2**24 subsets); the running
             # totals over searches are float64 so that long runs do not lose precision.
-            self.stats.per_unit[g.param_name] += sums.double()
+            sums[g.param_name] = bk.subset_unit_sums(
+                local.float(), design.masks(self.layout, g, 0, design.num_subsets),
+                g.num_units, backend=self.config.backend).double() \
+                if design.num_subsets else torch.zeros((g.num_units, 3), dtype=torch.float64,
+                                                       device=self._device)
+        if comm is not None:
+            # One collective for all layers: flatten, sum across ranks, split back.
+            flat = comm.all_reduce(torch.cat([t.reshape(-1) for t in sums.values()]),
+                                   "statistics", self.searches)
+            sums = dict(zip(sums, flat.split([t.numel() for t in sums.values()])))
+        for g in self.layout.groups:
+            self.stats.per_unit[g.param_name] += sums[g.param_name].view(g.num_units, 3)
         self.stats.totals += columns.sum(0)
 
     # -- results --------------------------------------------------------------------------------
@@ -398,8 +486,9 @@ class TicketSearch:
         if init is not None:
             init = {k: v.to(self._device).clone() for k, v in init.items()}
             for g in self.layout.groups:
-                if tuple(init[g.param_name].shape) != g.weight_shape:
-                    raise CheckpointError(f"reset snapshot of {g.param_name!r} has the wrong shape")
+                for name, t in g.tensors().items():
+                    if tuple(init[name].shape) != tuple(t.shape):
+                        raise CheckpointError(f"reset snapshot of {name!r} has the wrong shape")
         if state["per_unit_fraction"] is not None:
             self.probs = {k: v.to(self._device, torch.float32)
                           for k, v in state["per_unit_fraction"].items()}

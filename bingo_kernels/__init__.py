@@ -4,7 +4,8 @@ Ops (see :mod:`bingo_kernels.ops`): ``masked_reset_linear``, ``masked_reset_conv
 ``subset_metrics``, ``subset_unit_sums``, ``subset_linear_metrics`` (last linear layer fused with
 ``subset_metrics``). Backends: ``torch`` (reference and CPU fallback, always
 present), ``triton`` (:mod:`bingo_kernels.triton`; registered here without importing triton, which
-is an optional extra) and ``cuda`` (planned).
+is an optional extra) and ``cuda`` (:mod:`bingo_kernels.cuda`: C++/CUDA from ``csrc/``, built on
+first use).
 The subset-mask specification every backend reproduces bit for bit is
 :func:`bingo_kernels.hashing.subset_mask`.
 """
@@ -15,9 +16,11 @@ from .hashing import subset_mask
 from .ops import (masked_reset_conv2d, masked_reset_linear, subset_linear_metrics, subset_metrics,
                   subset_unit_sums)
 from .subsets import SubsetMasks
+from .cuda import register as _register_cuda
 from .triton import register as _register_triton
 
 _register_triton()
+_register_cuda()  # registers the custom ops' CUDA kernels only where triton is not installed
 
 __all__ = [
     "BackendUnavailableError", "BingoError", "InputMismatchError", "InvalidOptionError",

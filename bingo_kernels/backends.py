@@ -49,7 +49,8 @@ _BACKENDS: dict[str, Backend] = {
 _NOT_BUILT = {
     # triton registers itself from bingo_kernels.triton (with its own reason when it cannot run).
     "triton": "the triton backend was not registered (bingo_kernels.triton failed to load)",
-    "cuda": "the C++/CUDA extension is not part of this version of bingo_kernels yet",
+    # cuda registers itself from bingo_kernels.cuda (its reason says why it cannot run here).
+    "cuda": "the cuda backend was not registered (bingo_kernels.cuda failed to load)",
 }
 
 

@@ -45,8 +45,12 @@ def _options(name, model):
         for p in fresh.parameters():
             nn.init.normal_(p, std=0.05)
         return {"initial": fresh.state_dict()}
-    if name == "taylor":
+    if name in ("taylor", "lamp_taylor"):
         return {"data": [_batch(8, 0), _batch(8, 1)]}
+    if name == "targeted":
+        return {"data": _batch(16)}
+    if name == "wanda":
+        return {"data": [_batch(8, 0)]}
     if name == "shapley":
         return {"data": _batch(8), "samples": 8, "fractions": 2}
     if name == "imp":

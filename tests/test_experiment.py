@@ -15,6 +15,7 @@ from torch.utils.data import TensorDataset
 from bingo import cli
 from bingo.errors import InvalidOptionError
 from bingo.experiment import ABLATIONS, CRITERIA, ExperimentConfig, quick, run_experiment
+from bingo.experiment.criteria import applies
 from bingo.experiment.measure import overlap
 from bingo.experiment.runner import IMP, MAIN, Snapshot
 from bingo.experiment.splits import experiment_splits
@@ -95,6 +96,9 @@ def test_snapshot_keeps_the_weights_of_its_step():
     (dict(floor_drops=(1.5,)), "floor_drops"),
     (dict(imp_rewind="late"), "imp_rewind"),
     (dict(epochs=0), "epochs"),
+    (dict(model="resnet"), "model"),
+    (dict(criteria=("nope",)), "criteria"),
+    (dict(speedup_batch=0), "speedup_batch"),
 ])
 def test_bad_config_is_refused_by_name(change, message):
     with pytest.raises(InvalidOptionError, match=message):
@@ -114,6 +118,20 @@ def test_cli_reports_bad_options_on_one_line(capsys, tmp_path):
                        "1", "--out", str(tmp_path / "x")])
     assert status == cli.USAGE_ERROR
     assert "seeds" in capsys.readouterr().err
+
+
+def test_cli_flags_for_model_criteria_and_imp_rounds():
+    from bingo.experiment.command import add_arguments, config_from_args
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["mnist", "--model", "lenet5", "--criteria", "targeted", "magnitude",
+                              "--imp-rounds", "3"])
+    config = config_from_args(args)
+    assert config.model == "lenet5" and config.criteria == ("targeted", "magnitude")
+    assert config.imp_rounds["weight"] == config.imp_rounds["neuron"] == 3
+    config.validate()
 
 
 # -- end to end -------------------------------------------------------------------------------------
@@ -145,7 +163,8 @@ def test_quick_run_measures_every_method(quick_report):
     config = report["config"]
     for granularity in config["granularities"]:
         methods = report["seeds"][0]["granularities"][granularity]["methods"]
-        expected = {MAIN, IMP, *CRITERIA, *config["ablations"]}
+        expected = {MAIN, IMP, *(c for c in CRITERIA if applies(c, granularity)),
+                    *config["ablations"]}
         assert set(methods) == expected
         for name, m in methods.items():
             assert len(m["curve"]) == len(config["sparsities"]), name
@@ -162,6 +181,39 @@ def test_quick_run_measures_every_method(quick_report):
         assert [r["round"] for r in rounds] == list(range(config["imp_rounds"][granularity] + 1))
         assert all(a["sparsity"] < b["sparsity"] for a, b in zip(rounds, rounds[1:]))
         assert methods[IMP]["training_equivalents"] == config["imp_rounds"][granularity]
+
+
+def test_quick_run_measures_cost_and_the_shrunk_model(quick_report):
+    report, out = quick_report
+    for granularity, data in report["seeds"][0]["granularities"].items():
+        for name in (c for c in CRITERIA if applies(c, granularity)):
+            m = data["methods"][name]
+            cost = m["cost_vs_imp"]
+            assert cost["seconds"] > 0 and cost["sparsity"] == m["floors"]["0.01"]["sparsity"]
+            if cost["ratio"] is not None:
+                assert math.isclose(cost["ratio"], cost["seconds"] / cost["imp_seconds"])
+            if granularity == "neuron":
+                st = m["structured"]
+                assert st["parameters"] <= st["dense_parameters"] and st["speedup"] > 0
+                # The shrunk model computes what the masked one does.
+                assert st["test_accuracy"] == pytest.approx(m["floors"]["0.01"]["test_accuracy"])
+        assert data["methods"]["targeted"]["search"]["seconds"] > 0
+    assert set(report["summary"]["targeted_targets"]) == set(report["config"]["granularities"])
+    assert "Targets of issue #7" in (out / "results.md").read_text()
+
+
+def test_quick_run_lenet5_channels(tmp_path):
+    config = dataclasses.replace(quick(ExperimentConfig()), dataset="digits", model="lenet5",
+                                 granularities=("neuron",), criteria=("magnitude", "targeted"),
+                                 ablations=(), out=str(tmp_path), progress=False)
+    report = run_experiment(config)
+    methods = report["seeds"][0]["granularities"]["neuron"]["methods"]
+    assert set(methods) == {MAIN, IMP, "magnitude", "targeted"}
+    st = methods["targeted"]["structured"]
+    assert st["parameters"] <= st["dense_parameters"]
+    assert st["test_accuracy"] == pytest.approx(methods["targeted"]["floors"]["0.01"]
+                                                ["test_accuracy"])
+    assert "lenet5" in (tmp_path / "results.md").read_text()
 
 
 def test_quick_run_floors_respect_validation(quick_report):

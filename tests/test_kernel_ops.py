@@ -12,10 +12,13 @@ import bingo_kernels as bk
 from bingo_kernels import BackendUnavailableError, InputMismatchError, InvalidOptionError, SubsetMasks
 
 BACKENDS_UNDER_TEST = ["torch", "auto"]
-# The triton backend joins where it takes CPU tensors: under TRITON_INTERPRET=1 (tests/conftest.py
-# sets it), i.e. its kernels run in Triton's interpreter. tests/test_triton_kernels.py adds more.
-if bk.unavailable_reason("triton") is None and "cpu" in bk.backends.supported_devices("triton"):
-    BACKENDS_UNDER_TEST.append("triton")
+# An accelerated backend joins where it takes these tests' CPU tensors: triton under
+# TRITON_INTERPRET=1 (tests/conftest.py sets it), its kernels then run in Triton's interpreter.
+# cuda takes CUDA tensors only, so it never joins here: tests/test_cuda_ext.py runs this suite's
+# checks on CUDA tensors against torch and triton (as tests/test_triton_kernels.py does for triton).
+for _name in ("triton", "cuda"):
+    if bk.unavailable_reason(_name) is None and "cpu" in bk.backends.supported_devices(_name):
+        BACKENDS_UNDER_TEST.append(_name)
 # fp32 results against a float64 oracle: relative to the output scale.
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 

@@ -15,11 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.library import opcheck
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import bingo_kernels as bk
 from bingo_kernels import InputMismatchError, SubsetMasks, reference
+from kernel_helpers import LargestOutput
 
 TRITON = (bk.unavailable_reason("triton") is None
           and "cpu" in bk.backends.supported_devices("triton"))
@@ -139,21 +138,6 @@ def test_reference_blocks_subsets_with_k_start_and_unit_offsets(monkeypatch):
         assert torch.equal(got[1], want[1])
 
 
-class _LargestOutput(TorchDispatchMode):
-    """Records the largest tensor any aten op produces while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("granularity", ["neuron", "weight"])
 @pytest.mark.parametrize("chunk", [500, None])
 def test_reference_never_materialises_the_logits(granularity, chunk, monkeypatch):
@@ -164,12 +148,12 @@ def test_reference_never_materialises_the_logits(granularity, chunk, monkeypatch
     g = torch.Generator().manual_seed(0)
     h, w, w0, b, b0, targets = _problem(g, K, B, IN, C, False, "init")
     masks = SubsetMasks(1, 0, 0, K, 0, 0.3, granularity)
-    with _LargestOutput() as fused:
+    with LargestOutput() as fused:
         got = bk.subset_linear_metrics(h, w, w0, b, b0, masks, targets, chunk=chunk,
                                        backend="torch")
     bound = K * max(B, IN) * (chunk or 256)  # a logits tile, or a weight-mask tile
     assert fused.largest <= bound < K * B * C // 8, fused.largest
-    with _LargestOutput() as unfused:  # the detector does see the composition's logits
+    with LargestOutput() as unfused:  # the detector does see the composition's logits
         want = bk.subset_metrics(bk.masked_reset_linear(h, w, w0, b, b0, masks, backend="torch"),
                                  targets, backend="torch")
     assert unfused.largest >= K * B * C

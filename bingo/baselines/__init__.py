@@ -46,11 +46,14 @@ from bingo.errors import InvalidOptionError, require_option
 
 from .imp import IMPResult, IMPRound, imp, imp_scores
 from .lamp import lamp
+from .lamp_taylor import lamp_taylor
 from .magnitude import magnitude
 from .magnitude_increase import magnitude_increase
 from .random import random_scores
 from .shapley import shapley
 from .taylor import TaylorAccumulator, taylor
+from .wanda import wanda
+from bingo.targeted import targeted_scores  # noqa: E402  (bingo.targeted needs no baseline)
 
 Scores = dict[str, Tensor]
 
@@ -62,6 +65,9 @@ BASELINES: dict[str, Callable[..., Scores]] = {
     "taylor": taylor,
     "shapley": shapley,
     "imp": imp_scores,
+    "wanda": wanda,
+    "lamp_taylor": lamp_taylor,
+    "targeted": targeted_scores,
 }
 """Name -> scoring function (see the module docstring for the common signature)."""
 

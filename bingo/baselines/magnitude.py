@@ -12,12 +12,16 @@ weights, no data.
   initialisation scale (~1/sqrt(fan_in)) differs, so a global ranking of raw norms would empty the
   layer with the smallest rows first. Dividing by the layer mean ranks each neuron against its own
   layer's typical neuron, so a globally chosen sparsity spreads over all layers.
+* ``granularity="structured"``: MLP neurons as above; an attention head scores the L2 norm of its
+  q/k/v rows, their bias entries and its o-projection columns, divided by the block's mean head
+  norm (the same layer normalisation).
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
+from bingo.attention import head_totals
 from bingo.units import UnitGroup, find_units
 
 from ._common import group_row_norms, layer_normalised
@@ -31,8 +35,15 @@ def _neuron_scores(group: UnitGroup) -> Tensor:
     return layer_normalised(group_row_norms(group))
 
 
+def _structured_scores(group: UnitGroup) -> Tensor:
+    if group.heads is None:
+        return _neuron_scores(group)
+    squares = {name: t.detach().double().pow(2) for name, t in group.tensors().items()}
+    return layer_normalised(head_totals(group.heads, squares).sqrt()).to(group.module.weight.device)
+
+
 # Granularity -> per-layer score function.
-_SCORERS = {"weight": _weight_scores, "neuron": _neuron_scores}
+_SCORERS = {"weight": _weight_scores, "neuron": _neuron_scores, "structured": _structured_scores}
 
 
 def magnitude(model: nn.Module, granularity: str = "weight", include=None,

@@ -6,9 +6,11 @@ import argparse
 import dataclasses
 
 from bingo.data import DATASETS
+from bingo.models import MODELS
 from bingo.units import GRANULARITIES
 
 from .config import ABLATIONS, QUICK, ExperimentConfig, quick
+from .criteria import CRITERIA
 from .report import RESULTS_JSON, RESULTS_MD
 from .runner import run_experiment
 
@@ -25,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                            "(default: $BINGO_DATA, else download)")
     parser.add_argument("--dataset", choices=tuple(DATASETS),
                         help=f"dataset (default: {defaults.dataset}; digits needs no files)")
+    parser.add_argument("--model", choices=tuple(MODELS),
+                        help=f"architecture (default: {defaults.model})")
+    parser.add_argument("--criteria", nargs="+", choices=tuple(CRITERIA),
+                        help="one-shot criteria to measure (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+",
                         help=f"seeds, one full run each (default: {list(defaults.seeds)})")
     parser.add_argument("--granularities", nargs="+", choices=GRANULARITIES,
@@ -35,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ablation-seeds", type=int,
                         help="run the ablations on the first N seeds only (default: "
                              f"{defaults.ablation_seeds}; 0: none)")
+    parser.add_argument("--finetune-epochs", type=int,
+                        help=f"fine-tuning epochs (default: {defaults.finetune_epochs})")
+    parser.add_argument("--finetune-sparsities", type=float, nargs="+",
+                        help=f"default: {list(defaults.finetune_sparsities)}")
+    parser.add_argument("--imp-rounds", type=int,
+                        help="IMP rounds at every granularity (default: "
+                             f"{defaults.imp_rounds})")
     parser.add_argument("--out", help=f"output directory (default: {defaults.out})")
     parser.add_argument("--threads", type=int, help=f"torch threads (default: {defaults.threads})")
     parser.add_argument("--quick", action="store_true",
@@ -44,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hide the progress bars")
 
 
-_FIELDS = ("data_dir", "dataset", "seeds", "granularities", "epochs", "ablations",
+_FIELDS = ("data_dir", "dataset", "model", "criteria", "seeds", "granularities", "epochs",
+           "finetune_epochs", "finetune_sparsities", "ablations",
            "ablation_seeds", "out", "threads", "progress")
 
 
@@ -56,6 +70,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         value = getattr(args, name, None)
         if value is not None:
             given[name] = tuple(value) if isinstance(value, list) else value
+    if getattr(args, "imp_rounds", None) is not None:
+        given["imp_rounds"] = {g: args.imp_rounds for g in GRANULARITIES}
     return dataclasses.replace(config, **given)
 
 

@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from bingo.errors import InvalidOptionError
+from bingo.models import MODELS
 from bingo.units import GRANULARITIES
+
+from .criteria import CRITERIA
 
 SPLIT_FRACTIONS = (0.5, 0.1, 0.2, 0.2)
 """train / search / val / test fractions: 5000/1000/2000/2000 of the 10k official MNIST test
@@ -47,6 +50,13 @@ class ExperimentConfig:
     """Dataset of bingo.data.DATASETS (``digits`` needs no files; the CI smoke test uses it)."""
     data_dir: Optional[str] = None
     """Directory of the MNIST IDX files (default: $BINGO_DATA, else download where possible)."""
+    model: str = "lenet_300_100"
+    """Architecture, a key of bingo.models.MODELS (``lenet5``: the conv net, channels as units)."""
+    criteria: tuple[str, ...] = tuple(CRITERIA)
+    """Names of :data:`bingo.experiment.CRITERIA` to measure (IMP and the ticket searches always
+    run); a subset saves CPU time."""
+    speedup_batch: int = 256
+    """Batch size (test images) of the structured models' inference timing."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """Seeds of the data split, initial weights, batch order and search hash; one full run each.
     Tables report mean ± std over them."""
@@ -98,7 +108,8 @@ class ExperimentConfig:
 
     def validate(self) -> None:
         """Raise InvalidOptionError naming the first bad value."""
-        for name in ("epochs", "batch_size", "finetune_epochs", "shapley_samples"):
+        for name in ("epochs", "batch_size", "finetune_epochs", "shapley_samples",
+                     "speedup_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidOptionError(f"{name} must be a positive integer, got {value!r}")
@@ -113,6 +124,12 @@ class ExperimentConfig:
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise InvalidOptionError(
                         f"{name}[{granularity!r}] must be a positive integer, got {value!r}")
+        if self.model not in MODELS:
+            raise InvalidOptionError(f"model {self.model!r} is not one of {', '.join(MODELS)}")
+        unknown_criteria = [c for c in self.criteria if c not in CRITERIA]
+        if unknown_criteria:
+            raise InvalidOptionError(f"unknown criteria {unknown_criteria}; choose from "
+                                     f"{', '.join(CRITERIA)}")
         unknown = [a for a in self.ablations if a not in ABLATIONS]
         if unknown:
             raise InvalidOptionError(

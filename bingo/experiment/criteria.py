@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from bingo.baselines import baseline_scores
+from bingo.errors import InvalidOptionError
 
 Scores = dict[str, Tensor]
 
@@ -35,9 +36,19 @@ class TrainedRun:
     """Seed of the run (random baseline, Shapley hash)."""
     shapley_samples: int = 1024
     """Coalitions evaluated by the Shapley baseline."""
+    train_data: TensorDataset = None
+    """The whole training split: the evidence of the targeted search is drawn from it."""
 
 
 Criterion = Callable[[TrainedRun, str], Scores]
+
+
+def _neuron_only(granularity: str) -> str:
+    if granularity != "neuron":
+        raise InvalidOptionError(f"this targeted variant exists for neurons only, not "
+                                 f"{granularity!r}")
+    return granularity
+
 
 CRITERIA: dict[str, Criterion] = {
     "magnitude": lambda run, g: baseline_scores("magnitude", run.model, g),
@@ -50,9 +61,37 @@ CRITERIA: dict[str, Criterion] = {
         "shapley", run.model, g, data=run.score_data.tensors, samples=run.shapley_samples,
         seed=run.seed),
     "random": lambda run, g: baseline_scores("random", run.model, g, seed=run.seed),
+    "lamp-taylor": lambda run, g: baseline_scores("lamp_taylor", run.model, g,
+                                                  accumulator=run.taylor[g]),
+    # The targeted search (bingo.targeted), each granularity's documented default: greedy
+    # elimination for neurons / channels, searched per-layer allocation for weights.
+    "targeted": lambda run, g: baseline_scores("targeted", run.model, g,
+                                               data=run.train_data, seed=run.seed),
+    # Its measured design choices (neuron granularity only): every unit re-measured every step
+    # instead of the lazy short list, no joint check, and the loss as damage measure.
+    "targeted-exhaustive": lambda run, g: baseline_scores(
+        "targeted", run.model, _neuron_only(g), data=run.train_data, seed=run.seed, lazy=0),
+    "targeted-no-joint": lambda run, g: baseline_scores(
+        "targeted", run.model, _neuron_only(g), data=run.train_data, seed=run.seed,
+        joint_check=False),
+    "targeted-loss": lambda run, g: baseline_scores(
+        "targeted", run.model, _neuron_only(g), data=run.train_data, seed=run.seed,
+        metric="loss"),
 }
 """Criterion name -> ``(run, granularity) -> scores``; the tables list them in this order."""
 
-TRAINING_HOOKED = ("taylor",)
+ONLY_AT: dict[str, tuple[str, ...]] = {"targeted-exhaustive": ("neuron",),
+                                        "targeted-no-joint": ("neuron",),
+                                        "targeted-loss": ("neuron",)}
+"""Criteria that exist at some granularities only (the runner skips them elsewhere); every other
+criterion applies to all."""
+
+
+def applies(name: str, granularity: str) -> bool:
+    """Whether criterion ``name`` is measured at ``granularity``."""
+    return granularity in ONLY_AT.get(name, (granularity,))
+
+
+TRAINING_HOOKED = ("taylor", "lamp-taylor")
 """Criteria whose evidence is gathered by hooks inside the training steps (their cost is part of
 the measured training time; the report measures it apart, see ``runner._hook_overhead``)."""

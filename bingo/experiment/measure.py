@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import bingo
+from bingo.pruning import median_seconds_interleaved
+from bingo.targeted.shrink import shrink_sequential
 from bingo.training import accuracy, train
 
 
@@ -132,3 +134,20 @@ def state_accuracy(model: nn.Module, state: Mapping[str, Tensor], data: TensorDa
     clone = copy.deepcopy(model)
     clone.load_state_dict(state)
     return accuracy(clone, data)
+
+
+def structured(model: nn.Module, scores: Mapping[str, Tensor], floors_: Mapping[str, dict],
+               config, test: TensorDataset) -> dict:
+    """The physically smaller model at the first floor: parameters, its test accuracy (equal to
+    the masked model's) and the measured inference speedup over the dense model (median of
+    interleaved repeats, ``config.speedup_batch`` test images, this machine's threads)."""
+    key = f"{config.floor_drops[0]:g}"
+    masks = pruned_at(model, scores, floors_[key]["sparsity"]).unit_masks
+    small = shrink_sequential(model, masks).eval()
+    dense = copy.deepcopy(model).eval()
+    batch = test.tensors[0][:config.speedup_batch]
+    dense_s, small_s = median_seconds_interleaved([dense, small], batch)
+    return dict(parameters=sum(p.numel() for p in small.parameters()),
+                dense_parameters=sum(p.numel() for p in model.parameters()),
+                test_accuracy=accuracy(small, test), dense_seconds=dense_s, seconds=small_s,
+                speedup=dense_s / max(small_s, 1e-12), batch=int(batch.shape[0]))

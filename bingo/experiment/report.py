@@ -105,7 +105,19 @@ def summarize(report: dict) -> dict:
                 row["rounds"] = _imp_rounds(runs)
             rows[method] = row
         out["granularities"][granularity] = dict(dense_test=mean_std(dense), methods=rows)
+    for granularity in config["granularities"]:
+        for method, row in out["granularities"][granularity]["methods"].items():
+            runs = _per_seed(report, granularity, method)
+            if runs[0].get("cost_vs_imp"):
+                row["cost_vs_imp"] = {k: mean_std(r["cost_vs_imp"][k] for r in runs)
+                                      for k in ("seconds", "imp_seconds", "ratio")}
+            if runs[0].get("structured"):
+                row["structured"] = {k: mean_std(r["structured"][k] for r in runs)
+                                     for k in ("speedup", "parameters", "dense_parameters",
+                                               "test_accuracy")}
+                row["structured"]["batch"] = runs[0]["structured"]["batch"]
     out["targets"] = _targets(report, out, config)
+    out["targeted_targets"] = _targeted_targets(report, out, config)
     out["seed_paper"] = _seed_paper(report, out, config)
     return out
 
@@ -141,6 +153,75 @@ def _targets(report: dict, summary: dict, config: dict) -> dict:
             imp_to_bingo_compute=mean_std(ratios),
             compute_5x_below_imp=bool(ratios) and min(ratios) >= 5.0)
     return targets
+
+
+BEST_ONE_SHOT = ("magnitude", "lamp", "taylor", "lamp-taylor")
+"""The one-shot weight criteria issue #7's targeted search must match at 90/95/98%."""
+
+
+def _targeted_targets(report: dict, summary: dict, config: dict) -> dict:
+    """Issue #7's targets for the ``targeted`` criterion, where it was measured."""
+    key = _floor_key(config["floor_drops"][0])
+    out = {}
+    for granularity, data in summary["granularities"].items():
+        methods = data["methods"]
+        mine = methods.get("targeted")
+        if mine is None:
+            continue
+        t = dict(sparsity=mine["floors"][key]["sparsity"],
+                 cost_ratio=mine.get("cost_vs_imp", {}).get("ratio"))
+        t["cost_within_fifth"] = (t["cost_ratio"] is not None
+                                  and t["cost_ratio"]["mean"] <= 0.2)
+        if granularity == "neuron":
+            t["at_least_65"] = t["sparsity"]["mean"] >= 0.65
+            t["speedup"] = mine.get("structured", {}).get("speedup")
+            t["others"] = {n: methods[n]["floors"][key]["sparsity"] for n in methods
+                           if n not in ("targeted", IMP) and methods[n]["kind"] != "search"}
+        else:
+            rivals = [n for n in BEST_ONE_SHOT if n in methods]
+            t["one_shot"] = {}
+            for s in (0.9, 0.95, 0.98):
+                k = f"{s:g}"
+                if k not in mine["curve"] or not rivals:
+                    continue
+                best = max(rivals, key=lambda n: methods[n]["curve"][k]["mean"])
+                t["one_shot"][k] = dict(targeted=mine["curve"][k], best=best,
+                                        best_value=methods[best]["curve"][k],
+                                        met=mine["curve"][k]["mean"]
+                                        >= methods[best]["curve"][k]["mean"])
+            ft = mine["finetune"].get("0.95") if mine["finetune"] else None
+            imp95 = methods[IMP]["curve"].get("0.95")
+            if ft and imp95:
+                t["finetune_95"] = dict(targeted=ft[-1], imp=imp95,
+                                        met=ft[-1]["mean"] >= imp95["mean"] - 0.005)
+        out[granularity] = t
+    return out
+
+
+def _targeted_markdown(summary: dict) -> list[str]:
+    lines = ["## Targets of issue #7 (the `targeted` criterion; measured, not tuned)", ""]
+    for granularity, t in summary.get("targeted_targets", {}).items():
+        cost = t["cost_ratio"]
+        rows = [["sparsity @−1pt", _pm(t["sparsity"]), ""],
+                ["(search + floor prune) / IMP to the same sparsity", _pm(cost, 1.0, 2),
+                 "yes" if t["cost_within_fifth"] else "**no**"]]
+        if granularity == "neuron":
+            rows[0][2] = "yes (≥ 65%)" if t["at_least_65"] else "**no** (< 65%)"
+            rows.append(["measured inference speedup of the shrunk model", _pm(t["speedup"], 1.0,
+                                                                                 2) + "×", ""])
+            rows += [[f"  {n}: sparsity @−1pt", _pm(v), ""] for n, v in t["others"].items()]
+        else:
+            for k, v in t["one_shot"].items():
+                rows.append([f"one-shot test acc @{float(k) * 100:g}% (best rival: {v['best']})",
+                             f"{_pm(v['targeted'], digits=2)} vs {_pm(v['best_value'], digits=2)}",
+                             "yes" if v["met"] else "**no**"])
+            if "finetune_95" in t:
+                f = t["finetune_95"]
+                rows.append(["after fine-tune @95% vs IMP @95% (within 0.5 pt)",
+                             f"{_pm(f['targeted'], digits=2)} vs {_pm(f['imp'], digits=2)}",
+                             "yes" if f["met"] else "**no**"])
+        lines += [f"**{granularity}**", ""] + _table(["target", "measured", "met"], rows) + [""]
+    return lines
 
 
 def _seed_paper(report: dict, summary: dict, config: dict) -> dict:
@@ -184,7 +265,8 @@ def markdown(report: dict) -> str:
     env = report["environment"]
     drops = [_floor_key(d) for d in config["floor_drops"]]
     lines = [
-        f"# BINGO vs IMP vs one-shot criteria: {config['dataset']}, LeNet-300-100",
+        f"# BINGO vs IMP vs one-shot criteria: {config['dataset']}, "
+        f"{config.get('model', 'lenet_300_100')}",
         "",
         f"Seeds {', '.join(map(str, config['seeds']))}; numbers are mean ± std over seeds, "
         "accuracies and sparsities in %. Splits (images): "
@@ -220,7 +302,9 @@ def markdown(report: dict) -> str:
                   "retraining rounds).", ""]
         header = (["method"] + [f"FT e{e + 1} @{s * 100:g}%" for s in ft
                                 for e in range(config["finetune_epochs"])]
-                  + ["extra s", "train-eq"])
+                  + ["extra s", "train-eq", "cost / IMP to same sparsity"]
+                  + (["speedup (shrunk @−1pt)", "params (shrunk)"]
+                     if granularity == "neuron" else []))
         rows = []
         for name in main_rows:
             r = methods[name]
@@ -229,8 +313,12 @@ def markdown(report: dict) -> str:
                 epochs = r["finetune"].get(f"{s:g}") if r["finetune"] else None
                 cells += ([_pm(v, digits=2) for v in epochs] if epochs
                           else ["—"] * config["finetune_epochs"])
-            rows.append(cells + [_pm(r["extra_seconds"], scale=1.0),
-                                 _pm(r["training_equivalents"], 1.0, 2)])
+            cells += [_pm(r["extra_seconds"], scale=1.0), _pm(r["training_equivalents"], 1.0, 2),
+                      _pm(r.get("cost_vs_imp", {}).get("ratio"), 1.0, 2)]
+            if granularity == "neuron":
+                st = r.get("structured", {})
+                cells += [_pm(st.get("speedup"), 1.0, 2), _pm(st.get("parameters"), 1.0, 0)]
+            rows.append(cells)
         lines += _table(header, rows) + [""]
         lines += ["Overlap of the pruned set with IMP's at equal sparsity: share of the method's "
                   "pruned units that IMP also pruned, and Jaccard index; the level expected of "
@@ -285,6 +373,7 @@ def markdown(report: dict) -> str:
     lines += _table(["granularity", "best BINGO setting: sparsity @−1pt", "magnitude, same seeds",
                      "BINGO > magnitude", "search overhead %", "≤ 25%",
                      "IMP / BINGO compute", "≥ 5×"], rows) + [""]
+    lines += _targeted_markdown(summary)
     lines += ["## The seed paper's MNIST claims beside ours", ""]
     rows = [["units pruned at the floor, BINGO", f"{SEED_PAPER['bingo_pruned'] * 100:.0f}%"]
             + [_pm(v["bingo_pruned"]) + "%" for v in summary["seed_paper"].values()],
@@ -332,7 +421,7 @@ def _plots(report: dict, out: Path) -> dict[str, str]:
             histogram_data[f"{granularity} (seed {first['seed']})"] = data["significance_values"]
     files = dict(
         curves=plots.accuracy_bands(out / CURVES_PNG, panels, dense_accuracy=dense,
-                                    title=f"LeNet-300-100 on {config['dataset']}: one-shot "
+                                    title=f"{config.get('model', 'lenet_300_100')} on {config['dataset']}: one-shot "
                                           "criteria and IMP"),
         wall_time=plots.grouped_bars(out / TIME_PNG, seconds,
                                      ylabel="extra wall time per run (s, log)",

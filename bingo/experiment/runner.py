@@ -28,7 +28,7 @@ from bingo.training import accuracy, environment, torch_threads, train
 
 from . import measure
 from .config import ABLATIONS, SPLIT_FRACTIONS, ExperimentConfig
-from .criteria import CRITERIA, TrainedRun
+from .criteria import CRITERIA, TRAINING_HOOKED, TrainedRun, applies
 from .splits import experiment_splits
 
 MAIN = "bingo"
@@ -114,6 +114,35 @@ def _one_shot(scores, seconds: float, run: TrainedRun, splits, config, dense_val
     )
 
 
+def _search_details(result) -> dict:
+    """What a targeted search reports beside its scores (JSON-ready)."""
+    keep = ("variants", "refreshes", "backoffs", "stopped", "seconds", "steps", "layer_sparsity")
+    out = {k: getattr(result, k) for k in keep if hasattr(result, k)}
+    if hasattr(result, "order"):
+        out["removed"] = len(result.order)
+    return out
+
+
+def _cost_vs_imp(method: dict, imp_method: dict, config: ExperimentConfig) -> dict:
+    """Wall time of a one-shot method to its -1 pt floor (its scoring + the floor search) next
+    to IMP's wall time to the same sparsity (its rounds after the dense run, up to the first
+    one at least as sparse). Both start from the same trained model, so training is left out."""
+    floor = method["floors"][f"{config.floor_drops[0]:g}"]
+    seconds = method["extra_seconds"] + floor["seconds"]
+    elapsed, reached = 0.0, None
+    for r in imp_method["rounds"]:
+        if r["round"] == 0:
+            continue
+        elapsed += r["seconds"]
+        if r["sparsity"] >= floor["sparsity"] - 1e-9:
+            reached = r
+            break
+    return dict(seconds=seconds, sparsity=floor["sparsity"],
+                imp_round=reached["round"] if reached else None,
+                imp_seconds=elapsed if reached else None,
+                ratio=seconds / elapsed if reached and elapsed > 0 else None)
+
+
 def _imp_method(result, model: nn.Module, config: ExperimentConfig, splits, dense_val: float,
                 dense_test: float) -> dict:
     """IMP's rows: its own retrained network at each round, thresholds on validation."""
@@ -193,7 +222,7 @@ def run_seed(config: ExperimentConfig, dataset, seed: int, with_ablations: bool)
     """Everything measured for one seed (JSON-ready)."""
     splits = experiment_splits(dataset, seed)
     torch.manual_seed(seed)
-    model = model_for(config.dataset, "lenet_300_100")
+    model = model_for(config.dataset, config.model)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     loader = make_loader(splits.train, config.batch_size, shuffle=True, seed=seed)
     search_loader = make_loader(splits.search, config.batch_size, shuffle=True, seed=seed)
@@ -210,7 +239,7 @@ def run_seed(config: ExperimentConfig, dataset, seed: int, with_ablations: bool)
     dense_val, dense_test = accuracy(model, splits.val), accuracy(model, splits.test)
     run = TrainedRun(model=model, initial_state=initial, taylor=taylor,
                      score_data=_first(splits.train, SHAPLEY_IMAGES), seed=seed,
-                     shapley_samples=config.shapley_samples)
+                     shapley_samples=config.shapley_samples, train_data=splits.train)
     rewind_state = initial if config.imp_rewind == "init" else snapshot.state
 
     def imp_train(m: nn.Module) -> None:
@@ -230,7 +259,8 @@ def run_seed(config: ExperimentConfig, dataset, seed: int, with_ablations: bool)
         imp_seconds = time.perf_counter() - start
         imp_sets = measure.IMPPrunedSets(model, imp_result.scores())
         methods = {}
-        bar = tqdm(total=len(searches[granularity]) + len(CRITERIA), leave=False,
+        criteria = [name for name in config.criteria if applies(name, granularity)]
+        bar = tqdm(total=len(searches[granularity]) + len(criteria), leave=False,
                    desc=f"seed {seed}: {granularity} criteria", disable=not config.progress)
         with bar:
             for name, search in searches[granularity].items():
@@ -243,18 +273,29 @@ def run_seed(config: ExperimentConfig, dataset, seed: int, with_ablations: bool)
                 if name == MAIN:
                     methods[name]["scores"] = scores
                 bar.update()
-            for name, criterion in CRITERIA.items():
+            hook_seconds = None
+            for name in criteria:
                 start = time.perf_counter()
-                scores = criterion(run, granularity)
+                scores = CRITERIA[name](run, granularity)
                 seconds = time.perf_counter() - start
-                if name == "taylor":
-                    seconds = max(0.0, _hook_overhead(model, loader, granularity, config.lr)
-                                  ) * stats.train_seconds
+                if name in TRAINING_HOOKED:
+                    if hook_seconds is None:  # one measurement shared by the hooked criteria
+                        hook_seconds = max(0.0, _hook_overhead(
+                            model, loader, granularity, config.lr)) * stats.train_seconds
+                    seconds += hook_seconds
                 methods[name] = _one_shot(scores, seconds, run, splits, config, dense_val,
                                           stats.train_seconds, imp_sets, loader, finetune=True)
+                details = getattr(scores, "result", None)
+                if details is not None:
+                    methods[name]["search"] = _search_details(details)
+                if granularity == "neuron":
+                    methods[name]["structured"] = measure.structured(
+                        model, scores, methods[name]["floors"], config, splits.test)
                 bar.update()
         methods[IMP] = _imp_method(imp_result, model, config, splits, dense_val, dense_test)
         methods[IMP]["wall_seconds"] = imp_seconds
+        for name in criteria:
+            methods[name]["cost_vs_imp"] = _cost_vs_imp(methods[name], methods[IMP], config)
         _compare_with_imp(methods, model, imp_sets, config, dense_val, stats.train_seconds)
         significance = methods[MAIN].pop("scores")
         out["granularities"][granularity] = dict(
