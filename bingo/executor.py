@@ -143,6 +143,7 @@ class BatchedEvaluator:
         self._activation_bytes: dict[tuple, int] = {}
         self.expand_inputs = False
         """Whether the fast path repeats the inputs per subset (chosen with the path)."""
+        self._expansion_known = False
         self.fused_head = fused_head
         self._lm_head: Optional[tuple[str, nn.Linear]] = None
         self.fused: Optional[bool] = None
@@ -164,6 +165,8 @@ class BatchedEvaluator:
         """``(K,)`` loss and accuracy with subset k's units reset to ``init`` (None: zero)."""
         if self.path is None:
             self._choose_path(inputs, targets, design, init)
+        elif self.path == "fast" and not self._expansion_known:
+            self._choose_expansion(inputs, design, init)
         if self.fused is None:
             self._detect_lm_head(inputs)
         chunk = self.chunk_size(inputs, design.num_subsets)
@@ -224,6 +227,7 @@ class BatchedEvaluator:
                 how = " (inputs repeated per subset)" if expand else ""
                 self.path, self.path_reason = "fast", \
                     f"fast path{how} agrees with the vmap reference"
+                self._expansion_known = True
                 return
             fast, fast_error = None, "its outputs differ from the vmap reference (the model " \
                 "mixes rows across the batch or uses a layer's weight without calling the layer)"
@@ -233,11 +237,32 @@ class BatchedEvaluator:
                     f"ticket search cannot evaluate this model: fast path failed ({fast_error}); "
                     f"vmap fallback failed ({vmap_error})")
             self.path, self.path_reason = "fast", f"vmap unavailable ({vmap_error})"
+            self._expansion_known = True
             return
         self.path, self.path_reason = "vmap", f"fast path unusable: {fast_error}"
         warnings.warn(f"bingo: {type(self.model).__name__} uses the vmap fallback for ticket "
                       f"search ({self.path_reason}); it is slower and uses more memory",
                       stacklevel=3)
+
+    def _choose_expansion(self, inputs, design, init) -> None:
+        """With ``path="fast"`` requested: shared inputs, unless the model cannot run on them (a
+        transformer block adding a residual of its input), then inputs repeated per subset.
+        Without the vmap reference only failures can be seen, not silently different outputs,
+        which is why ``path="auto"`` compares the two."""
+        probe = min(2, design.num_subsets)
+        errors = []
+        for expand in (False, True):
+            self.expand_inputs = expand
+            try:
+                self._fast_chunk(inputs, design, init, 0, probe)
+            except Exception as exc:  # noqa: BLE001  (any failure means: try the other layout)
+                errors.append(exc)
+                continue
+            self._expansion_known = True
+            return
+        raise InputMismatchError(
+            f"path='fast' cannot evaluate this model: with inputs shared by the subsets: "
+            f"{errors[0]}; with inputs repeated per subset: {errors[1]}")
 
     # -- helpers --------------------------------------------------------------------------------
 

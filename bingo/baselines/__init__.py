@@ -24,7 +24,18 @@ name (module)                 estimates                                     cost
 ``imp`` (imp)                 iterative magnitude pruning with rewinding    ``rounds`` trainings
                               (Frankle & Carbin 2019); needs ``train_fn=``,
                               ``rewind_state=``, ``rounds=``
+``wanda`` (wanda)             ``|w| * ||x||`` (Sun et al. 2023), input      one forward per
+                              norms from hooks; neurons / heads: summed;    calibration batch
+                              needs ``data=``
+``lamp_taylor`` (lamp_taylor) LAMP's rescaling of the Taylor saliency;      as ``taylor``
+                              needs ``accumulator=`` or ``data=``
+``targeted``                  greedy elimination order (neurons, channels)  ~removed/4 batched
+(bingo.targeted)              or searched per-layer allocation (weights)    downstream passes;
+                              on training ``data=``                         see bingo.targeted
 ============================  ============================================  ======================
+
+``granularity="structured"`` (heads + MLP neurons, see :mod:`bingo.attention`) works with
+magnitude, random, lamp, taylor, lamp_taylor and wanda; the others raise an error naming it.
 
 Beyond the registry: :class:`TaylorAccumulator` (attach during training), :func:`imp` /
 :class:`IMPResult` / :class:`IMPRound` (per-round masks, accuracies, timings and states).

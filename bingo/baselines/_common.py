@@ -10,6 +10,7 @@ from typing import Mapping, Optional
 
 from torch import Tensor, nn
 
+from bingo.attention import head_totals
 from bingo.errors import InputMismatchError, InvalidOptionError
 from bingo.units import UnitGroup, UnitLayout
 
@@ -29,6 +30,15 @@ def row_norms(weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 def group_row_norms(group: UnitGroup) -> Tensor:
     """:func:`row_norms` of a layer's current weight and bias."""
     return row_norms(group.module.weight, group.module.bias)
+
+
+def group_unit_norms(group: UnitGroup) -> Tensor:
+    """L2 norm of each structured unit of a group: its output row with bias, or, for an
+    attention block, everything a head owns (q/k/v rows with their biases and o columns)."""
+    if group.heads is None:
+        return group_row_norms(group)
+    squares = {name: t.detach().double().pow(2) for name, t in group.tensors().items()}
+    return head_totals(group.heads, squares).sqrt().to(group.module.weight.device)
 
 
 def layer_normalised(values: Tensor, scale: Optional[Tensor] = None) -> Tensor:

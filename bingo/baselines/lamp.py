@@ -15,7 +15,8 @@ distortion-minimising rescaling of magnitude pruning). Data-free; cost: one sort
 * ``granularity="weight"``: ``s = |w|``;
 * ``granularity="neuron"``: ``s`` = L2 norm of the output row / conv channel, bias included (the
   same row norm as :func:`bingo.baselines.magnitude`; the paper defines weights only, this is the
-  natural structured extension).
+  natural structured extension); ``"structured"``: the same, and for an attention head the norm of
+  all its rows and columns.
 
 Properties: scores lie in [0, 1]; the largest unit of every layer scores exactly 1, so no layer is
 ever emptied before the others are down to one unit; an all-zero layer scores 0 everywhere. Ties
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from bingo.units import find_units
 
-from ._common import TINY, group_row_norms
+from ._common import TINY, group_unit_norms
 
 
 def lamp_from_magnitudes(magnitudes: Tensor) -> Tensor:
@@ -62,6 +63,6 @@ def lamp(model: nn.Module, granularity: str = "weight", include=None,
     layout = find_units(model, granularity, include, exclude)
     scores = {}
     for g in layout.groups:
-        s = g.module.weight.detach().abs() if granularity == "weight" else group_row_norms(g)
+        s = g.module.weight.detach().abs() if granularity == "weight" else group_unit_norms(g)
         scores[g.param_name] = lamp_from_magnitudes(s)
     return scores

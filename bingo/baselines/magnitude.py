@@ -21,29 +21,21 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from bingo.attention import head_totals
 from bingo.units import UnitGroup, find_units
 
-from ._common import group_row_norms, layer_normalised
+from ._common import group_unit_norms, layer_normalised
 
 
 def _weight_scores(group: UnitGroup) -> Tensor:
     return group.module.weight.detach().abs().float()
 
 
-def _neuron_scores(group: UnitGroup) -> Tensor:
-    return layer_normalised(group_row_norms(group))
-
-
-def _structured_scores(group: UnitGroup) -> Tensor:
-    if group.heads is None:
-        return _neuron_scores(group)
-    squares = {name: t.detach().double().pow(2) for name, t in group.tensors().items()}
-    return layer_normalised(head_totals(group.heads, squares).sqrt()).to(group.module.weight.device)
+def _unit_scores(group: UnitGroup) -> Tensor:
+    return layer_normalised(group_unit_norms(group))
 
 
 # Granularity -> per-layer score function.
-_SCORERS = {"weight": _weight_scores, "neuron": _neuron_scores, "structured": _structured_scores}
+_SCORERS = {"weight": _weight_scores, "neuron": _unit_scores, "structured": _unit_scores}
 
 
 def magnitude(model: nn.Module, granularity: str = "weight", include=None,

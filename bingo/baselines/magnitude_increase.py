@@ -23,7 +23,7 @@ from typing import Mapping, Union
 
 from torch import Tensor, nn
 
-from bingo.errors import InvalidOptionError
+from bingo.errors import InvalidOptionError, require_option
 from bingo.search import TicketSearch
 from bingo.units import find_units
 
@@ -63,6 +63,8 @@ def magnitude_increase(model: nn.Module, granularity: str = "weight", include=No
     Returns:
         ``{weight parameter name: float32 scores}`` on each weight's device.
     """
+    # Heads would need the initial norms of every tensor a head spans; not implemented.
+    require_option("granularity", granularity, ("weight", "neuron"))
     layout = find_units(model, granularity, include, exclude)
     start = reference_tensors(initial_state_of(initial), layout, "initial",
                               with_bias=granularity == "neuron")

@@ -68,21 +68,21 @@ CRITERIA: dict[str, Criterion] = {
     "targeted": lambda run, g: baseline_scores("targeted", run.model, g,
                                                data=run.train_data, seed=run.seed),
     # Its measured design choices (neuron granularity only): every unit re-measured every step
-    # instead of the lazy short list, no joint check, and the loss as damage measure.
+    # instead of the lazy short list, no joint check, and the accuracy as damage measure.
     "targeted-exhaustive": lambda run, g: baseline_scores(
         "targeted", run.model, _neuron_only(g), data=run.train_data, seed=run.seed, lazy=0),
     "targeted-no-joint": lambda run, g: baseline_scores(
         "targeted", run.model, _neuron_only(g), data=run.train_data, seed=run.seed,
         joint_check=False),
-    "targeted-loss": lambda run, g: baseline_scores(
+    "targeted-accuracy": lambda run, g: baseline_scores(
         "targeted", run.model, _neuron_only(g), data=run.train_data, seed=run.seed,
-        metric="loss"),
+        metric="accuracy"),
 }
 """Criterion name -> ``(run, granularity) -> scores``; the tables list them in this order."""
 
 ONLY_AT: dict[str, tuple[str, ...]] = {"targeted-exhaustive": ("neuron",),
                                         "targeted-no-joint": ("neuron",),
-                                        "targeted-loss": ("neuron",)}
+                                        "targeted-accuracy": ("neuron",)}
 """Criteria that exist at some granularities only (the runner skips them elsewhere); every other
 criterion applies to all."""
 
