@@ -50,7 +50,7 @@ import torch.nn.functional as F
 import bingo_kernels as bk
 
 from .attention import mha_forward, param_head_masks
-from .errors import InputMismatchError, InvalidOptionError, require_option
+from .errors import BingoError, InputMismatchError, InvalidOptionError, require_option
 from .units import UnitGroup, UnitLayout
 
 PATHS = ("auto", "fast", "vmap")
@@ -255,7 +255,9 @@ class BatchedEvaluator:
             self.expand_inputs = expand
             try:
                 self._fast_chunk(inputs, design, init, 0, probe)
-            except Exception as exc:  # noqa: BLE001  (any failure means: try the other layout)
+            except BingoError:
+                raise  # bingo's own errors (a backend without this op, bad input) name the cause
+            except Exception as exc:  # noqa: BLE001  (a shape failure: try the other layout)
                 errors.append(exc)
                 continue
             self._expansion_known = True
