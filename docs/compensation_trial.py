@@ -59,14 +59,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bingo.data import load_dataset, make_loader
+from bingo.data import load_dataset
 from bingo.experiment import measure
 from bingo.experiment.config import ExperimentConfig
-from bingo.experiment.splits import experiment_splits
-from bingo.models import model_for
+from bingo.experiment.runner import dense_model
 from bingo.targeted import targeted_scores
 from bingo.targeted.elimination import evidence_batch
-from bingo.training import accuracy, train
+from bingo.training import accuracy
 
 HIDDEN = (1, 3)
 """Indices of the two hidden Linear layers of ``lenet_300_100`` (their outputs are scored)."""
@@ -266,16 +265,12 @@ def main() -> None:
     parser.add_argument("--out", default="compensation_trial.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config = ExperimentConfig()
+    config = ExperimentConfig(dataset="mnist", model="lenet_300_100")
     dataset = load_dataset("mnist", data_dir=args.data_dir)
     rows = {}
     for seed in args.seeds:
         started = time.perf_counter()
-        splits = experiment_splits(dataset, seed)
-        torch.manual_seed(seed)
-        model = model_for("mnist", "lenet_300_100")
-        train(model, make_loader(splits.train, config.batch_size, shuffle=True, seed=seed),
-              config.epochs, config.lr, progress=False)
+        splits, model = dense_model(config, dataset, seed)
         model.eval()
         train_inputs = splits.train.tensors[0]
         dense_val, dense_test = accuracy(model, splits.val), accuracy(model, splits.test)

@@ -26,13 +26,12 @@ import time
 
 import torch
 
-from bingo.data import load_dataset, make_loader
+from bingo.data import load_dataset
 from bingo.experiment import measure
 from bingo.experiment.config import ExperimentConfig
-from bingo.experiment.splits import experiment_splits
-from bingo.models import model_for
+from bingo.experiment.runner import dense_model
 from bingo.targeted import targeted_scores
-from bingo.training import accuracy, train
+from bingo.training import accuracy
 
 VARIANTS: dict[str, dict] = {
     "loss": dict(metric="loss"),
@@ -57,15 +56,11 @@ def main() -> None:
     parser.add_argument("--out", default="targeted_settings.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config = ExperimentConfig()
+    config = ExperimentConfig(dataset="mnist", model="lenet_300_100")
     dataset = load_dataset("mnist", data_dir=args.data_dir)
     rows = {}
     for seed in args.seeds:
-        splits = experiment_splits(dataset, seed)
-        torch.manual_seed(seed)
-        model = model_for("mnist", "lenet_300_100")
-        train(model, make_loader(splits.train, config.batch_size, shuffle=True, seed=seed),
-              config.epochs, config.lr, progress=False)
+        splits, model = dense_model(config, dataset, seed)
         dense_val = accuracy(model, splits.val)
         for name in args.variants:
             start = time.perf_counter()

@@ -218,6 +218,18 @@ def _compare_with_imp(methods: dict, model: nn.Module, imp: measure.IMPPrunedSet
         ratio=matched["seconds"] / bingo_seconds if matched else None)
 
 
+def dense_model(config: ExperimentConfig, dataset, seed: int):
+    """``(splits, model)``: seed ``seed``'s split and the dense model trained exactly as
+    :func:`run_seed` trains it (searches and hooks never change the weights), without them; for
+    side studies such as ``docs/targeted_settings.py``."""
+    splits = experiment_splits(dataset, seed)
+    torch.manual_seed(seed)
+    model = model_for(config.dataset, config.model)
+    train(model, make_loader(splits.train, config.batch_size, shuffle=True, seed=seed),
+          config.epochs, config.lr, progress=False)
+    return splits, model
+
+
 def run_seed(config: ExperimentConfig, dataset, seed: int, with_ablations: bool) -> dict:
     """Everything measured for one seed (JSON-ready)."""
     splits = experiment_splits(dataset, seed)
