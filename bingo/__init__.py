@@ -1,7 +1,8 @@
 """bingo: BINGO pruning — ticket search during training, significance, one-shot pruning.
 
 The user-facing API: :class:`TicketSearch` (attach to a training loop), its ``significance()``,
-and :func:`prune` (one-shot pruning to an accuracy floor or a sparsity). Kernels live in the
+and :func:`prune` (one-shot pruning to an accuracy floor or a sparsity, optionally refitting the
+surviving weights with :class:`LeastSquaresReconstruction`). Kernels live in the
 separate :mod:`bingo_kernels` package, which this one calls.
 """
 
@@ -12,12 +13,14 @@ from .errors import (BackendUnavailableError, BingoError, CheckpointError, Distr
                      NonFiniteError, UnreachableFloorError)
 from .estimators import ESTIMATORS, Significance, register_estimator
 from .pruning import PruneResult, StructuredResult, prune, shrink_mlp, shrink_structured
+from .reconstruct import LeastSquaresReconstruction
 from .search import SearchConfig, TicketSearch
 from .units import find_units
 
 __all__ = [
     "BackendUnavailableError", "BingoError", "CheckpointError", "DistributedError", "ESTIMATORS",
-    "InputMismatchError", "InvalidOptionError", "NoPrunableLayersError", "NonFiniteError",
+    "InputMismatchError", "InvalidOptionError", "LeastSquaresReconstruction",
+    "NoPrunableLayersError", "NonFiniteError",
     "PruneResult", "SearchConfig", "StructuredResult", "Significance", "TicketSearch", "UnreachableFloorError", "__version__",
     "find_units", "prune", "register_estimator", "shrink_mlp", "shrink_structured",
 ]

@@ -39,6 +39,7 @@ from bingo.errors import (
     require_option,
 )
 from bingo.attention import HeadLayout, head_layout, param_head_masks, shrink_heads
+from bingo.reconstruct import LeastSquaresReconstruction as Reconstruction
 from bingo.units import HEADS_KEY, LAYER_KINDS, linear_names, mlp_problem
 
 __all__ = ["PruneResult", "StructuredResult", "prune", "shrink_mlp", "shrink_structured"]
@@ -110,6 +111,8 @@ class PruneResult:
     """The shrunk model (neuron-pruned MLPs, structured-pruned transformers), else None."""
     ceiling: float | None = None
     """The ceiling asked for (lower-is-better eval_fn, e.g. perplexity), or None."""
+    reconstructed: list[str] | None = None
+    """Layers whose surviving weights ``reconstruct=`` refitted (forward order), or None."""
 
     def export_state_dict(self) -> dict[str, Tensor]:
         """A plain state_dict of the pruned model: usual names (no _orig/_mask), zeros where pruned.
@@ -429,28 +432,43 @@ class _MaskWriter:
     """
 
     def __init__(
-        self, model: nn.Module, layers: list[_ScoredLayer], granularity: str, ranking: _Ranking
+        self, model: nn.Module, layers: list[_ScoredLayer], granularity: str, ranking: _Ranking,
+        reconstruct: Reconstruction | None = None,
     ):
         self.model = model
         self.layers = layers
         self.granularity = granularity
         self.ranking = ranking
+        self.reconstruct = reconstruct
         self.params = dict(model.named_parameters())
-        names = _param_masks(layers, _unit_masks(layers, ranking, 0, model), granularity, model)
+        names = set(_param_masks(layers, _unit_masks(layers, ranking, 0, model), granularity,
+                                 model))
+        if reconstruct is not None:  # it rewrites unmasked parameters too
+            names.update(reconstruct.parameter_names(model))
         self.originals = {name: self.params[name].detach().clone() for name in names}
 
     @torch.no_grad()
     def write(self, count: int) -> None:
         unit_masks = _unit_masks(self.layers, self.ranking, count, self.model)
         masks = _param_masks(self.layers, unit_masks, self.granularity, self.model)
-        for name, mask in masks.items():
-            original = self.originals[name]
-            self.params[name].copy_(original * mask.to(original.dtype))
+        if self.reconstruct is not None:
+            self.restore()
+        _write_masked(self.params, self.originals, masks)
+        if self.reconstruct is not None:
+            self.reconstruct(self.model, masks)
 
     @torch.no_grad()
     def restore(self) -> None:
         for name, original in self.originals.items():
             self.params[name].copy_(original)
+
+
+@torch.no_grad()
+def _write_masked(params: Mapping[str, Tensor], originals: Mapping[str, Tensor],
+                  masks: Mapping[str, Tensor]) -> None:
+    for name, mask in masks.items():
+        original = originals[name]
+        params[name].copy_(original * mask.to(original.dtype))
 
 
 def _apply_torch_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
@@ -890,6 +908,17 @@ def _check_options(
     require_option("structured", structured, STRUCTURED_CHOICES)
 
 
+def _check_reconstruct(reconstruct: Any) -> None:
+    if reconstruct is None:
+        return
+    missing = [a for a in ("prepare", "parameter_names", "refitted")
+               if not hasattr(reconstruct, a)] + ([] if callable(reconstruct) else ["__call__"])
+    if missing:
+        raise InvalidOptionError(
+            f"reconstruct must be a reconstruction such as bingo.reconstruct."
+            f"LeastSquaresReconstruction(data); {type(reconstruct).__name__} lacks {missing}")
+
+
 def _floor_count(
     work: nn.Module,
     layers: list[_ScoredLayer],
@@ -900,8 +929,9 @@ def _floor_count(
     grid: int,
     tolerance: int,
     progress: bool,
+    reconstruct: Reconstruction | None,
 ) -> tuple[int, _Evaluator]:
-    writer = _MaskWriter(work, layers, granularity, ranking)
+    writer = _MaskWriter(work, layers, granularity, ranking, reconstruct)
     bar = tqdm(total=len(_grid_points(ranking.max_pruned, grid)), desc="bingo prune",
                unit="eval", disable=not progress)
     try:
@@ -930,6 +960,7 @@ def prune(
     allow_unsampled: bool = False,
     structured: bool | str = "auto",
     progress: bool = True,
+    reconstruct: Reconstruction | None = None,
 ) -> PruneResult:
     """Prune the lowest-scored units of ``model`` in one shot.
 
@@ -951,6 +982,10 @@ def prune(
         allow_unsampled: prune never-sampled units with a warning instead of raising.
         structured: "auto" shrinks neuron-pruned MLPs when possible, True requires it, False skips.
         progress: show a progress bar over the floor search's evaluations.
+        reconstruct: refit the surviving weights after masking, e.g.
+            :class:`bingo.reconstruct.LeastSquaresReconstruction` (calibration data in, no
+            retraining). Every count the floor search evaluates is reconstructed first, so the
+            floor holds for the reconstructed model, and so is the returned one.
 
     Ranking is global over all scored units, lowest score first; ties go by key order, then by
     flat index. The floor search evaluates ``grid`` counts from 0 to the most that may be pruned,
@@ -959,18 +994,22 @@ def prune(
     ``floor`` the error comes after the search.
     """
     _check_options(floor, ceiling, sparsity, eval_fn, min_keep, grid, tolerance, structured)
+    _check_reconstruct(reconstruct)
     layers, granularity = _scored_layers(model, scores)
     ranking = _rank(layers, min_keep)
     # One working model for everything: the floor search rewrites its weights in place, and it
     # becomes the result, so a model is deep-copied at most once.
     work = model if inplace else copy.deepcopy(model)
+    if reconstruct is not None:
+        reconstruct.prepare(work)  # the dense targets, before any mask is written
 
     history: list[dict[str, Any]] = []
     dense_accuracy = accuracy = None
     if sparsity is None:
         bound = _Bound(float(floor), False) if floor is not None else _Bound(float(ceiling), True)
         count, evaluate = _floor_count(
-            work, layers, granularity, ranking, bound, eval_fn, grid, tolerance, progress
+            work, layers, granularity, ranking, bound, eval_fn, grid, tolerance, progress,
+            reconstruct,
         )
         history = sorted(evaluate.history, key=lambda point: point["pruned_units"])
         dense_accuracy, accuracy = evaluate.accuracy[0], evaluate.accuracy[count]
@@ -983,6 +1022,19 @@ def prune(
 
     if sparsity is not None and eval_fn is not None:
         dense_accuracy = _accuracy_value(eval_fn(work), 0)
+    reconstructed = None
+    if reconstruct is not None:
+        params = dict(work.named_parameters())
+        originals = {n: params[n].detach().clone()
+                     for n in {*masks, *reconstruct.parameter_names(work)}}
+        try:
+            _write_masked(params, originals, masks)
+            reconstruct(work, masks)
+        except BaseException:  # inplace=True: never leave the caller's model half-refitted
+            _write_masked(params, originals, {n: torch.ones((), dtype=torch.bool)
+                                              for n in originals})
+            raise
+        reconstructed = list(reconstruct.refitted)
     structured_result = _structured(work, unit_masks, granularity, structured)
     _apply_torch_masks(work, masks)
     if sparsity is not None and eval_fn is not None:
@@ -1005,4 +1057,5 @@ def prune(
         history=history,
         structured=structured_result,
         ceiling=float(ceiling) if ceiling is not None else None,
+        reconstructed=reconstructed,
     )

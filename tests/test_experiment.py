@@ -198,7 +198,17 @@ def test_quick_run_measures_cost_and_the_shrunk_model(quick_report):
                 # The shrunk model computes what the masked one does.
                 assert st["test_accuracy"] == pytest.approx(m["floors"]["0.01"]["test_accuracy"])
         assert data["methods"]["targeted"]["search"]["seconds"] > 0
-    assert set(report["summary"]["targeted_targets"]) == set(report["config"]["granularities"])
+    granularities = report["config"]["granularities"]
+    assert set(report["summary"]["targeted_targets"]) == {
+        *granularities, *(f"{g}/targeted+ls" for g in granularities)}
+    # Reconstructed criteria are the same masks with the survivors refitted.
+    for granularity, data in report["seeds"][0]["granularities"].items():
+        assert data["methods"]["targeted+ls"]["search"] == {
+            **data["methods"]["targeted"]["search"],
+            "seconds": data["methods"]["targeted+ls"]["search"]["seconds"]}
+        assert data["methods"]["targeted+ls"]["curve"][0] == data["methods"]["targeted"]["curve"][0]
+    weight = report["summary"]["targeted_targets"]["weight/targeted+ls"]["one_shot"]
+    assert all({"best", "best_same_refit"} <= set(v) for v in weight.values())
     assert "Targets of issue #7" in (out / "results.md").read_text()
 
 

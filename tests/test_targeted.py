@@ -14,7 +14,8 @@ import bingo
 from bingo.baselines import baseline_scores
 from bingo.errors import InputMismatchError, InvalidOptionError
 from bingo.targeted import (AllocationConfig, EliminationConfig, allocate, eliminate,
-                            targeted_scores)
+                            targeted_prune, targeted_scores)
+from bingo.targeted.elimination import _priority
 from bingo.targeted.incremental import SequentialEvaluator, scored_layers
 from bingo.targeted.shrink import shrink_sequential
 
@@ -160,6 +161,26 @@ def test_scores_go_to_prune_and_shrink():
     assert not one.unit_masks[key][unit]
 
 
+def test_targeted_prune_is_the_search_then_a_reconstructed_prune():
+    torch.manual_seed(5)
+    model = _mlp().eval()
+    x, y = _data(model)
+    result = targeted_prune(model, (x, y), sparsity=0.5, per_step=2)
+    scores = targeted_scores(model, "neuron", data=(x, y), per_step=2)
+    manual = bingo.prune(model, scores, sparsity=0.5, progress=False,
+                         reconstruct=bingo.LeastSquaresReconstruction((x, y)))
+    assert result.reconstructed == manual.reconstructed == ["3", "5"]
+    assert all(torch.equal(result.unit_masks[k], manual.unit_masks[k]) for k in scores)
+    with torch.no_grad():
+        assert torch.allclose(result.model(x), manual.model(x))
+        masked = targeted_prune(model, (x, y), sparsity=0.5, per_step=2, reconstruct=False)
+        assert masked.reconstructed is None and not torch.allclose(masked.model(x),
+                                                                   result.model(x))
+    floor = targeted_prune(model, (x, y), floor=0.8, eval_fn=lambda m: float(
+        (m(x).argmax(-1) == y).float().mean()), per_step=2)
+    assert floor.accuracy >= 0.8
+
+
 def test_conv_shrink_matches_the_masked_model():
     torch.manual_seed(3)
     model = _convnet().eval()
@@ -171,6 +192,69 @@ def test_conv_shrink_matches_the_masked_model():
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         assert torch.allclose(small(x), result.model(x), atol=1e-5)
+
+
+def _macs(model: nn.Sequential, x: torch.Tensor) -> int:
+    """Multiply-adds per example of ``model``'s Linear / Conv2d layers (counted by hooks)."""
+    total = []
+
+    def count(module, _inputs, output):
+        if isinstance(module, nn.Linear):
+            total.append(module.in_features * module.out_features)
+        else:
+            total.append(module.weight.numel() * output[0, 0].numel())
+
+    handles = [m.register_forward_hook(count) for m in model
+               if isinstance(m, (nn.Linear, nn.Conv2d))]
+    with torch.no_grad():
+        model(x[:1])
+    for h in handles:
+        h.remove()
+    return sum(total)
+
+
+def test_macs_saving_is_what_shrinking_one_unit_saves():
+    torch.manual_seed(4)
+    model = _convnet().eval()
+    x = torch.randn(8, 2, 8, 8)
+    ev = SequentialEvaluator(model, x, torch.randint(0, 3, (8,)))
+    dense = _macs(model, x)
+    for layer in scored_layers(model):
+        keep = {l.key: torch.ones(model[l.index].weight.shape[0], dtype=torch.bool)
+                for l in scored_layers(model)}
+        keep[layer.key][1] = False
+        saved = dense - _macs(shrink_sequential(model, keep), x)
+        assert ev.unit_macs(layer) == saved, layer.key
+    # Damage per saving: a harmful removal is cheaper per multiply-add when it saves more, a
+    # helpful one (negative damage) ranks first when it saves more.
+    damage = torch.tensor([0.2, 0.2, -0.1, -0.1], dtype=torch.float64)
+    saving = torch.tensor([1.0, 2.0, 1.0, 2.0], dtype=torch.float64)
+    assert torch.argsort(_priority(damage, saving)).tolist() == [3, 2, 1, 0]
+    result = eliminate(model, (x, ev.targets), EliminationConfig(saving="macs", stop_drop=1.0),
+                       progress=False)
+    assert sorted(torch.cat(list(result.scores.values())).tolist()) == [float(i) for i in
+                                                                        range(5 + 6 + 8)]
+    with pytest.raises(InvalidOptionError, match="saving"):
+        eliminate(model, (x, ev.targets), EliminationConfig(saving="flops"), progress=False)
+
+
+def test_refits_during_elimination_keep_a_strict_ranking():
+    torch.manual_seed(6)
+    model = _mlp().eval()
+    x, y = _data(model)
+    before = copy.deepcopy(model.state_dict())
+    plain = eliminate(model, (x, y), EliminationConfig(per_step=1, stop_drop=1.0),
+                      progress=False)
+    refit = eliminate(model, (x, y), EliminationConfig(per_step=1, stop_drop=1.0,
+                                                        refit_every=2), progress=False)
+    assert plain.refits == 0 and refit.refits >= 5
+    assert refit.refreshes == plain.refreshes + refit.refits
+    assert sorted(torch.cat(list(refit.scores.values())).tolist()) == [float(i)
+                                                                       for i in range(16)]
+    # Refits change the model later damages are measured on, hence (here) the order.
+    assert refit.order != plain.order
+    # The caller's model is never touched.
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_weight_allocation_scores_every_weight_once():

@@ -37,6 +37,10 @@ name (module)                 estimates                                     cost
 ``granularity="structured"`` (heads + MLP neurons, see :mod:`bingo.attention`) works with
 magnitude, random, lamp, taylor, lamp_taylor and wanda; the others raise an error naming it.
 
+Any of these scores can be pruned with ``bingo.prune(..., reconstruct=
+bingo.LeastSquaresReconstruction(data))``, which refits the surviving weights to the dense layer
+outputs (:mod:`bingo.reconstruct`); the experiment harness measures that as ``"<name>+ls"``.
+
 Beyond the registry: :class:`TaylorAccumulator` (attach during training), :func:`imp` /
 :class:`IMPResult` / :class:`IMPRound` (per-round masks, accuracies, timings and states).
 Shared helpers (row norms, layer normalisation, checking reference states) live in

@@ -16,6 +16,7 @@ from torch.utils.data import TensorDataset
 
 from bingo.baselines import baseline_scores
 from bingo.errors import InvalidOptionError
+from bingo.reconstruct import LeastSquaresReconstruction
 
 Scores = dict[str, Tensor]
 
@@ -77,12 +78,49 @@ CRITERIA: dict[str, Criterion] = {
     "targeted-accuracy": lambda run, g: baseline_scores(
         "targeted", run.model, _neuron_only(g), data=run.train_data, seed=run.seed,
         metric="accuracy"),
+    # Damage per multiply-add saved instead of per unit: for nets whose layers differ in cost
+    # per unit (LeNet-5's conv channels and fc neurons).
+    "targeted-macs": lambda run, g: baseline_scores(
+        "targeted", run.model, _neuron_only(g), data=run.train_data, seed=run.seed,
+        saving="macs"),
+    # Refit the working model by least squares every 8 steps of the elimination (measured with
+    # the reconstructed prune, "targeted-refit+ls").
+    "targeted-refit": lambda run, g: baseline_scores(
+        "targeted", run.model, _neuron_only(g), data=run.train_data, seed=run.seed,
+        refit_every=8),
 }
 """Criterion name -> ``(run, granularity) -> scores``; the tables list them in this order."""
 
-ONLY_AT: dict[str, tuple[str, ...]] = {"targeted-exhaustive": ("neuron",),
-                                        "targeted-no-joint": ("neuron",),
-                                        "targeted-accuracy": ("neuron",)}
+
+class ReconstructedScores(dict):
+    """A criterion's scores together with the reconstruction every prune of them applies
+    (``reconstruct``, passed to :func:`bingo.prune` by :mod:`bingo.experiment.measure`); the
+    search result of a targeted criterion stays reachable as ``result``."""
+
+    def __init__(self, scores: Scores, reconstruct):
+        super().__init__(scores)
+        self.reconstruct = reconstruct
+        self.result = getattr(scores, "result", None)
+
+
+def _least_squares(criterion: Criterion) -> Criterion:
+    def reconstructed(run: TrainedRun, granularity: str) -> Scores:
+        return ReconstructedScores(criterion(run, granularity), LeastSquaresReconstruction(
+            run.train_data, seed=run.seed))
+    return reconstructed
+
+
+RECONSTRUCTED = ("magnitude", "lamp", "taylor", "targeted", "targeted-macs", "targeted-refit")
+"""Criteria also measured with least-squares reconstruction (:mod:`bingo.reconstruct`, on the
+training split) as ``"<name>+ls"``: the same masks, the surviving weights refitted to the dense
+layer outputs. Measuring it for the baselines too tells what the search adds and what the refit
+adds."""
+CRITERIA.update({f"{name}+ls": _least_squares(CRITERIA[name]) for name in RECONSTRUCTED})
+
+ONLY_AT: dict[str, tuple[str, ...]] = {
+    name: ("neuron",) for name in ("targeted-exhaustive", "targeted-no-joint",
+                                   "targeted-accuracy", "targeted-macs", "targeted-macs+ls",
+                                   "targeted-refit", "targeted-refit+ls")}
 """Criteria that exist at some granularities only (the runner skips them elsewhere); every other
 criterion applies to all."""
 
@@ -92,6 +130,6 @@ def applies(name: str, granularity: str) -> bool:
     return granularity in ONLY_AT.get(name, (granularity,))
 
 
-TRAINING_HOOKED = ("taylor", "lamp-taylor")
+TRAINING_HOOKED = ("taylor", "lamp-taylor", "taylor+ls")
 """Criteria whose evidence is gathered by hooks inside the training steps (their cost is part of
 the measured training time; the report measures it apart, see ``runner._hook_overhead``)."""

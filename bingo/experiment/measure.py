@@ -29,7 +29,13 @@ def pruned_at(model: nn.Module, scores: Mapping[str, Tensor], sparsity: float
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return bingo.prune(model, scores, sparsity=sparsity, allow_unsampled=True,
-                           structured=False, progress=False)
+                           structured=False, progress=False, reconstruct=_reconstruction(scores))
+
+
+def _reconstruction(scores: Mapping[str, Tensor]):
+    """The reconstruction a criterion asks every prune of its scores to apply (None: masks only;
+    see :class:`bingo.experiment.criteria.ReconstructedScores`)."""
+    return getattr(scores, "reconstruct", None)
 
 
 def floors(model: nn.Module, scores: Mapping[str, Tensor], dense_val: float,
@@ -46,7 +52,8 @@ def floors(model: nn.Module, scores: Mapping[str, Tensor], dense_val: float,
             warnings.simplefilter("ignore")
             result = bingo.prune(model, scores, floor=dense_val - drop,
                                  eval_fn=lambda m: accuracy(m, val), allow_unsampled=True,
-                                 structured=False, progress=False)
+                                 structured=False, progress=False,
+                                 reconstruct=_reconstruction(scores))
         seconds = time.perf_counter() - start
         out[f"{drop:g}"] = dict(sparsity=result.sparsity, val_accuracy=result.accuracy,
                                 seconds=seconds,
@@ -142,8 +149,8 @@ def structured(model: nn.Module, scores: Mapping[str, Tensor], floors_: Mapping[
     the masked model's) and the measured inference speedup over the dense model (median of
     interleaved repeats, ``config.speedup_batch`` test images, this machine's threads)."""
     key = f"{config.floor_drops[0]:g}"
-    masks = pruned_at(model, scores, floors_[key]["sparsity"]).unit_masks
-    small = shrink_sequential(model, masks).eval()
+    pruned = pruned_at(model, scores, floors_[key]["sparsity"])
+    small = shrink_sequential(pruned.model, pruned.unit_masks).eval()
     dense = copy.deepcopy(model).eval()
     batch = test.tensors[0][:config.speedup_batch]
     dense_s, small_s = median_seconds_interleaved([dense, small], batch)

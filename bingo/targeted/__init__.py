@@ -8,11 +8,13 @@
 * :mod:`bingo.targeted.shrink`: a physically smaller copy of a channel-pruned conv net.
 * :func:`targeted_scores`: either search in the baseline score format (registered as
   ``"targeted"`` in :data:`bingo.baselines.BASELINES`).
+* :func:`targeted_prune`: the documented default end to end: the search, then :func:`bingo.prune`
+  with least-squares reconstruction of the survivors (:mod:`bingo.reconstruct`).
 """
 
 from .allocation import AllocationConfig, AllocationResult, allocate
 from .elimination import EliminationConfig, EliminationResult, eliminate
-from .scores import SEARCHES, targeted_scores
+from .scores import SEARCHES, targeted_prune, targeted_scores
 
 __all__ = ["AllocationConfig", "AllocationResult", "EliminationConfig", "EliminationResult",
-           "SEARCHES", "allocate", "eliminate", "targeted_scores"]
+           "SEARCHES", "allocate", "eliminate", "targeted_prune", "targeted_scores"]

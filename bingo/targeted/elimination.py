@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bingo.errors import InputMismatchError, InvalidOptionError, require_option
+from bingo.reconstruct import LeastSquaresReconstruction
 
 from .incremental import EVALUATORS, ScoredLayer, SequentialEvaluator, scored_layers
 
@@ -62,6 +63,20 @@ METRICS: dict[str, Callable[[Tensor, Tensor, SequentialEvaluator], Tensor]] = {
     "accuracy": _accuracy_damage,
 }
 """Damage measure -> (variant loss, variant accuracy, evaluator) -> damage (higher = worse)."""
+
+COSTS: dict[str, Callable[[SequentialEvaluator, ScoredLayer], float]] = {
+    "unit": lambda ev, layer: 1.0,
+    "macs": SequentialEvaluator.unit_macs,
+}
+"""What a removal saves, per unit of a layer: one unit ("unit": the count of units is what is
+minimised), or the multiply-adds per example it removes ("macs": inference cost; a conv channel
+saves far more than an fc neuron)."""
+
+
+def _priority(damage: Tensor, saving: Tensor) -> Tensor:
+    """Order of removal, lowest first: damage per unit of saving. A removal that *lowers* the
+    loss (negative damage) ranks higher the more it saves, hence the product there."""
+    return torch.where(damage > 0, damage / saving, damage * saving)
 
 
 @dataclass
@@ -102,6 +117,18 @@ class EliminationConfig:
     roughly a lower bound and the true best is almost always in the short list."""
     full_every: int = 8
     """With ``lazy``: re-measure every remaining unit every this many steps."""
+    saving: str = "unit"
+    """What a removal is worth, a key of :data:`COSTS`: units are picked by damage per unit
+    ("unit", the default: most units removed at the floor) or by damage per multiply-add saved
+    ("macs": a faster shrunk model for the damage, when layers differ in cost per unit, as the
+    conv channels and fc neurons of LeNet-5 do)."""
+    refit_every: int = 0
+    """Every this many steps, refit the working model's surviving weights to the dense layer
+    outputs on the evidence (:class:`bingo.LeastSquaresReconstruction`), so that later damages
+    are measured on the model a reconstructed prune will be; 0 never refits (the damages are
+    those of plain removal). One refit costs about one forward of the evidence per layer plus a
+    solve per layer. Measured on LeNet-300-100 (docs/results.md, ``targeted-refit+ls``): it
+    did not help, so the default stays 0."""
     evaluator: str = "rank"
     """Downstream evaluator of :data:`bingo.targeted.incremental.EVALUATORS`."""
     memory_budget: int = 2 ** 25
@@ -118,13 +145,16 @@ class EliminationConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidOptionError(f"{name} must be a positive integer, got {value!r}")
         require_option("metric", self.metric, METRICS)
+        require_option("saving", self.saving, COSTS)
         require_option("evaluator", self.evaluator, EVALUATORS)
         if not 0.0 <= self.stop_drop <= 1.0:
             raise InvalidOptionError(f"stop_drop must lie in [0, 1], got {self.stop_drop}")
         if not 0.0 < self.max_fraction <= 1.0:
             raise InvalidOptionError(f"max_fraction must lie in (0, 1], got {self.max_fraction}")
-        if isinstance(self.lazy, bool) or not isinstance(self.lazy, int) or self.lazy < 0:
-            raise InvalidOptionError(f"lazy must be an integer >= 0, got {self.lazy!r}")
+        for name in ("lazy", "refit_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidOptionError(f"{name} must be an integer >= 0, got {value!r}")
         if self.joint_tolerance < 0 or self.joint_floor <= 0:
             raise InvalidOptionError("joint_tolerance must be >= 0 and joint_floor > 0")
 
@@ -146,6 +176,8 @@ class EliminationResult:
     """Full forwards of the evidence batch (cache refreshes)."""
     backoffs: int = 0
     """Steps the joint check cut back to one unit."""
+    refits: int = 0
+    """Least-squares refits of the working model (``refit_every``)."""
     stopped: str = ""
     """Why the elimination stopped."""
     seconds: float = 0.0
@@ -208,17 +240,33 @@ def eliminate(model: nn.Module, data, config: Optional[EliminationConfig] = None
     damage_of = METRICS[config.metric]
     dense_accuracy = ev.accuracy
     units = {l.key: work[l.index].weight.shape[0] for l in layers}
+    macs = [COSTS[config.saving](ev, l) for l in layers]
+    # Normalised by the mean so that "unit" and "macs" damages stay on the loss's scale.
+    saving = {l.key: torch.full((units[l.key],), c / (sum(macs) / len(macs)),
+                                dtype=torch.float64) for l, c in zip(layers, macs)}
     alive = {k: torch.ones(n, dtype=torch.bool) for k, n in units.items()}
     last = {k: torch.zeros(n, dtype=torch.float64) for k, n in units.items()}
     total = sum(units.values())
     limit = min(math.floor(config.max_fraction * total), total - len(layers))
     result = EliminationResult(scores={}, order=[], refreshes=1)
+    refit = None
+    if config.refit_every:
+        refit = LeastSquaresReconstruction(inputs, samples=inputs.shape[0])
+        refit.prepare(work)
+    # Where a backed-off unit's weights come from: the trained model, or the last refit.
+    reference = model
     bar = tqdm(total=limit, desc="targeted elimination", unit="unit", disable=not progress)
     with bar:
         step = 0
         while len(result.order) < limit:
-            damages, owners = [], []
-            shortlist = _shortlist(alive, last, config.lazy) if (
+            damages, owners, savings = [], [], []
+            if refit is not None and step and step % config.refit_every == 0:
+                refit(work, _removal_masks(work, layers, alive))
+                reference = copy.deepcopy(work)
+                ev.refresh()
+                result.refreshes += 1
+                result.refits += 1
+            shortlist = _shortlist(alive, last, saving, config.lazy) if (
                 config.lazy and step % config.full_every) else None
             step += 1
             for i, layer in enumerate(layers):
@@ -233,13 +281,14 @@ def eliminate(model: nn.Module, data, config: Optional[EliminationConfig] = None
                 damage = damage_of(loss.cpu(), acc.cpu(), ev)
                 last[layer.key][candidates] = damage
                 damages.append(damage)
+                savings.append(saving[layer.key][candidates])
                 owners.append(torch.stack([torch.full_like(candidates, i), candidates], 1))
                 result.variants += candidates.numel()
             if not damages:
                 result.stopped = "every layer is down to one unit"
                 break
             damage, owner = torch.cat(damages), torch.cat(owners)
-            picked = _pick(damage, owner, alive, layers,
+            picked = _pick(damage, _priority(damage, torch.cat(savings)), owner, alive, layers,
                            min(config.per_step, limit - len(result.order)))
             before = (ev.loss, ev.accuracy)
             for d, i, unit in picked:
@@ -253,7 +302,7 @@ def eliminate(model: nn.Module, data, config: Optional[EliminationConfig] = None
                        + config.joint_tolerance * max(abs(predicted), config.joint_floor))
             if backoff:
                 for _, i, unit in picked[1:]:
-                    _set_unit(work, model, layers[i], unit, removed=False)
+                    _set_unit(work, reference, layers[i], unit, removed=False)
                 picked = picked[:1]
                 ev.refresh()
                 result.refreshes += 1
@@ -271,9 +320,24 @@ def eliminate(model: nn.Module, data, config: Optional[EliminationConfig] = None
                 break
         else:
             result.stopped = f"removed the maximum of {limit} units"
-    result.scores = _scores(result.order, alive, last, units)
+    result.scores = _scores(result.order, alive, last, saving, units)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _removal_masks(work: nn.Sequential, layers: list[ScoredLayer], alive: dict
+                   ) -> dict[str, Tensor]:
+    """Parameter keep-masks of the units still alive (as :func:`bingo.prune` writes them at
+    neuron granularity), for the refit."""
+    masks = {}
+    for layer in layers:
+        keep = alive[layer.key]
+        weight = work[layer.index].weight
+        name = layer.key.rpartition(".")[0]
+        masks[layer.key] = keep.view(-1, *([1] * (weight.dim() - 1))).expand(weight.shape)
+        if work[layer.index].bias is not None:
+            masks[f"{name}.bias"] = keep
+    return masks
 
 
 class _Before:
@@ -283,22 +347,25 @@ class _Before:
         self.loss, self.accuracy = loss, accuracy
 
 
-def _shortlist(alive: dict, last: dict, count: int) -> dict[str, Tensor]:
-    """Per layer, a bool mask of the ``count`` remaining units with the smallest last damage."""
+def _shortlist(alive: dict, last: dict, saving: dict, count: int) -> dict[str, Tensor]:
+    """Per layer, a bool mask of the ``count`` remaining units of lowest priority (last damage
+    per saving)."""
     keys = list(alive)
-    damage = torch.cat([torch.where(alive[k], last[k], torch.inf) for k in keys])
+    damage = torch.cat([torch.where(alive[k], _priority(last[k], saving[k]), torch.inf)
+                        for k in keys])
     chosen = torch.zeros(damage.numel(), dtype=torch.bool)
     chosen[torch.argsort(damage, stable=True)[:count]] = True
     chosen &= torch.isfinite(damage)
     return dict(zip(keys, torch.split(chosen, [alive[k].numel() for k in keys])))
 
 
-def _pick(damage: Tensor, owner: Tensor, alive: dict, layers: list[ScoredLayer], count: int
-          ) -> list[tuple[float, int, int]]:
-    """The ``count`` least damaging (damage, layer, unit), never taking a layer's last unit."""
+def _pick(damage: Tensor, priority: Tensor, owner: Tensor, alive: dict,
+          layers: list[ScoredLayer], count: int) -> list[tuple[float, int, int]]:
+    """The ``count`` (damage, layer, unit) of lowest priority, never taking a layer's last
+    unit."""
     left = {i: int(alive[l.key].sum()) for i, l in enumerate(layers)}
     picked = []
-    for position in torch.argsort(damage, stable=True).tolist():
+    for position in torch.argsort(priority, stable=True).tolist():
         i, unit = owner[position].tolist()
         if left[i] <= 1:
             continue
@@ -309,15 +376,16 @@ def _pick(damage: Tensor, owner: Tensor, alive: dict, layers: list[ScoredLayer],
     return picked
 
 
-def _scores(order: list[tuple[str, int]], alive: dict, last: dict, units: dict
+def _scores(order: list[tuple[str, int]], alive: dict, last: dict, saving: dict, units: dict
             ) -> dict[str, Tensor]:
     """Elimination position as the score (higher = removed later = keep); units never removed
-    rank above all removed ones, among themselves by their last measured damage."""
+    rank above all removed ones, among themselves by their last measured priority."""
     scores = {k: torch.zeros(n, dtype=torch.float32) for k, n in units.items()}
     for position, (key, unit) in enumerate(order):
         scores[key][unit] = float(position)
     keys = list(units)
-    survivors = [(float(last[k][u]), keys.index(k), u) for k in keys
+    priority = {k: _priority(last[k], saving[k]) for k in keys}
+    survivors = [(float(priority[k][u]), keys.index(k), u) for k in keys
                  for u in alive[k].nonzero().flatten().tolist()]
     for rank, (_, ki, unit) in enumerate(sorted(survivors)):
         scores[keys[ki]][unit] = float(len(order) + rank)

@@ -148,6 +148,19 @@ class SequentialEvaluator:
         """Cached input of child ``index``."""
         return self.inputs if index == 0 else self.outputs[index - 1]
 
+    def unit_macs(self, layer: ScoredLayer) -> float:
+        """Multiply-adds per example that removing one unit of ``layer`` saves: its own weight
+        row (filter) at every output position, and its share of the next layer's weight at every
+        position of that layer's output."""
+        module = self.children[layer.index]
+        out = self.outputs[layer.index]
+        units = out.shape[1]
+        macs = module.weight[0].numel() * out[0, 0].numel()
+        if layer.next_index is not None:
+            nxt = self.children[layer.next_index]
+            macs += nxt.weight.numel() // units * self.outputs[layer.next_index][0, 0].numel()
+        return float(macs)
+
     def metrics(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         """(loss, accuracy), each (K,), of (K, N, classes) logits."""
         return bingo_kernels.subset_metrics(logits.float().contiguous(), self.targets,

@@ -9,6 +9,8 @@ from typing import Callable
 from torch import Tensor, nn
 
 from bingo.errors import InvalidOptionError, require_option
+from bingo.pruning import PruneResult, prune
+from bingo.reconstruct import LeastSquaresReconstruction
 
 from .allocation import AllocationConfig, allocate
 from .elimination import EliminationConfig, eliminate
@@ -49,3 +51,19 @@ class _Scores(dict):
     """A score dict that also carries the search result (``.result``)."""
 
     result = None
+
+
+def targeted_prune(model: nn.Module, data, granularity: str = "neuron", *,
+                   floor: float | None = None, sparsity: float | None = None, eval_fn=None,
+                   reconstruct: bool = True, include=None, exclude=None, progress: bool = False,
+                   **options) -> PruneResult:
+    """The documented default in one call: :func:`targeted_scores` on the training ``data``,
+    then :func:`bingo.prune` to ``floor`` (with ``eval_fn``, e.g. validation accuracy) or to
+    ``sparsity``, the survivors refitted by :class:`bingo.LeastSquaresReconstruction` on the same
+    ``data`` (``reconstruct=False``: the search's masks alone). ``options`` go to the search's
+    config (:class:`EliminationConfig` / :class:`AllocationConfig`)."""
+    scores = targeted_scores(model, granularity, include, exclude, data=data, progress=progress,
+                             **options)
+    return prune(model, scores, floor=floor, sparsity=sparsity, eval_fn=eval_fn,
+                 progress=progress,
+                 reconstruct=LeastSquaresReconstruction(data) if reconstruct else None)
