@@ -23,7 +23,22 @@ METHOD_STYLES: dict[str, dict] = {
     "magnitude-increase": dict(color="tab:brown", marker="x"),
     "shapley": dict(color="tab:pink", marker="*"),
     "wanda": dict(color="tab:red", marker="d"),
+    "targeted": dict(color="tab:cyan", marker="X", linewidth=2.0),
 }
+RECONSTRUCTED_SUFFIX = "+ls"
+"""Criteria with least-squares reconstruction (``"lamp+ls"``) are drawn as their base, dashed."""
+
+
+def method_style(name: str) -> dict:
+    """The plot style of method ``name``: its fixed style; a variant (``"targeted-macs"``) that
+    of its family with a plain marker; a reconstructed criterion its base's, dashed."""
+    base = name[:-len(RECONSTRUCTED_SUFFIX)] if name.endswith(RECONSTRUCTED_SUFFIX) else name
+    style = dict(METHOD_STYLES.get(base, {}))
+    if not style and base.partition("-")[0] in METHOD_STYLES:
+        style = dict(METHOD_STYLES[base.partition("-")[0]], marker=".")
+    if base != name:
+        style["linestyle"] = "--"
+    return style
 
 
 def _curves_axes(sparsities, curves: Mapping[str, Sequence[float]], dense: Optional[float]):
@@ -31,7 +46,7 @@ def _curves_axes(sparsities, curves: Mapping[str, Sequence[float]], dense: Optio
     figure = _figure()
     ax = figure.add_subplot()
     for name, values in curves.items():
-        ax.plot(sparsities, values, label=name, **METHOD_STYLES.get(name, {}))
+        ax.plot(sparsities, values, label=name, **method_style(name))
     if dense is not None:
         ax.axhline(dense, color="black", linewidth=0.8, linestyle=":", label="dense")
     return figure, ax
@@ -92,7 +107,7 @@ def accuracy_bands(path: Union[str, os.PathLike], panels: Mapping[str, Mapping[s
             if not points:
                 continue
             xs, means, stds = (list(v) for v in zip(*points))
-            style = {**METHOD_STYLES.get(name, {}), "markersize": 4}
+            style = {**method_style(name), "markersize": 4}
             line, = ax.plot(xs, means, label=name, **style)
             ax.fill_between(xs, [m - s for m, s in zip(means, stds)],
                             [m + s for m, s in zip(means, stds)], alpha=0.15,

@@ -30,8 +30,10 @@ error than the exact fit; tests/test_reconstruct.py).
 
 Cost per reconstruction: one forward pass over the calibration data per refitted layer (stopped
 at that layer), ``samples * F^2`` multiply-adds for each layer's ``F x F`` Hessian (F = its
-inputs, times kernel area for a convolution) and an ``F^3`` solve, plus ``out * F^2`` for the
-per-weight update. Everything is deterministic given the calibration samples (no sampling
+inputs, times kernel area for a convolution) and an ``F^3`` solve; per-weight masks add the sum
+over rows of ``|S|^3`` (exact rows) or ``out * F^2`` (OBS update). The statistics and solves run in float64 on the CPU whatever the model's
+device (exact and simple for the layer widths measured here; a GPU path for wide layers is not
+written). Everything is deterministic given the calibration samples (no sampling
 variance); the fit's error on unseen data is a generalisation error, kept small by using many more
 calibration samples than features and by the damping.
 """
