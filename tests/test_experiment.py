@@ -200,7 +200,8 @@ def test_quick_run_measures_cost_and_the_shrunk_model(quick_report):
         assert data["methods"]["targeted"]["search"]["seconds"] > 0
     granularities = report["config"]["granularities"]
     assert set(report["summary"]["targeted_targets"]) == {
-        *granularities, *(f"{g}/targeted+ls" for g in granularities)}
+        *granularities, *(f"{g}/targeted+ls" for g in granularities),
+        "weight/targeted-iterative+ls"}
     # Reconstructed criteria are the same masks with the survivors refitted.
     for granularity, data in report["seeds"][0]["granularities"].items():
         assert data["methods"]["targeted+ls"]["search"] == {

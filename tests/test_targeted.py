@@ -257,6 +257,40 @@ def test_refits_during_elimination_keep_a_strict_ranking():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+def test_iterative_refit_follows_imps_schedule_on_refitted_weights():
+    torch.manual_seed(7)
+    model = _mlp().eval()
+    x, y = _data(model, n=300)
+    scores = targeted_scores(model, "weight", data=(x, y), search="iterative", max_sparsity=0.5)
+    flat = torch.cat([v.reshape(-1) for v in scores.values()])
+    assert flat.unique().numel() == flat.numel()                 # a strict ranking
+    assert [round(r["sparsity"], 4) for r in scores.result.rounds] == [0.2, 0.36, 0.488, 0.5]
+    lamp = baseline_scores("lamp", model, "weight")
+    first = bingo.prune(model, scores, sparsity=0.2, progress=False).unit_masks
+    assert all(torch.equal(first[k], bingo.prune(model, lamp, sparsity=0.2, progress=False)
+                           .unit_masks[k]) for k in lamp)
+    # Round two ranks the weights refitted after round one, what round one removed excluded.
+    masks = bingo.prune(model, lamp, sparsity=0.2, progress=False).masks
+    refitted = copy.deepcopy(model)
+    rec = bingo.LeastSquaresReconstruction((x, y))
+    rec.prepare(model)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            dict(refitted.named_parameters())[name].mul_(mask)
+    rec(refitted, masks)
+    again = baseline_scores("lamp", refitted, "weight")
+    again = {k: torch.where(first[k], v, v.min() - 1) for k, v in again.items()}
+    second = bingo.prune(refitted, again, sparsity=0.36, progress=False).unit_masks
+    mine = bingo.prune(model, scores, sparsity=0.36, progress=False).unit_masks
+    assert all(torch.equal(second[k], mine[k]) for k in mine)
+    assert not all(torch.equal(mine[k], bingo.prune(model, lamp, sparsity=0.36, progress=False)
+                               .unit_masks[k]) for k in mine)
+    with pytest.raises(InvalidOptionError, match="ranks"):
+        targeted_scores(model, "neuron", data=(x, y), search="iterative")
+    with pytest.raises(InvalidOptionError, match="rate"):
+        targeted_scores(model, "weight", data=(x, y), search="iterative", rate=1.5)
+
+
 def test_weight_allocation_scores_every_weight_once():
     torch.manual_seed(4)
     model = _mlp().eval()

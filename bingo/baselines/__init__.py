@@ -30,8 +30,10 @@ name (module)                 estimates                                     cost
 ``lamp_taylor`` (lamp_taylor) LAMP's rescaling of the Taylor saliency;      as ``taylor``
                               needs ``accumulator=`` or ``data=``
 ``targeted``                  greedy elimination order (neurons, channels)  ~removed/4 batched
-(bingo.targeted)              or searched per-layer allocation (weights)    downstream passes;
-                              on training ``data=``                         see bingo.targeted
+(bingo.targeted)              or searched per-layer allocation (weights),   downstream passes;
+                              or ``search="iterative"``: IMP's schedule     one refit a round;
+                              with a least-squares refit per round;         see bingo.targeted
+                              on training ``data=``
 ============================  ============================================  ======================
 
 ``granularity="structured"`` (heads + MLP neurons, see :mod:`bingo.attention`) works with

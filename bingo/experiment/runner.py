@@ -116,7 +116,8 @@ def _one_shot(scores, seconds: float, run: TrainedRun, splits, config, dense_val
 
 def _search_details(result) -> dict:
     """What a targeted search reports beside its scores (JSON-ready)."""
-    keep = ("variants", "refreshes", "backoffs", "stopped", "seconds", "steps", "layer_sparsity")
+    keep = ("variants", "refreshes", "backoffs", "refits", "stopped", "seconds", "steps",
+            "layer_sparsity", "rounds")
     out = {k: getattr(result, k) for k in keep if hasattr(result, k)}
     if hasattr(result, "order"):
         out["removed"] = len(result.order)
