@@ -24,6 +24,7 @@ METHOD_STYLES: dict[str, dict] = {
     "shapley": dict(color="tab:pink", marker="*"),
     "wanda": dict(color="tab:red", marker="d"),
     "targeted": dict(color="tab:cyan", marker="X", linewidth=2.0),
+    "targeted-iterative": dict(color="tab:olive", marker="*", linewidth=2.0),
 }
 RECONSTRUCTED_SUFFIX = "+ls"
 """Criteria with least-squares reconstruction (``"lamp+ls"``) are drawn as their base, dashed."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -200,8 +201,8 @@ def test_quick_run_measures_cost_and_the_shrunk_model(quick_report):
         assert data["methods"]["targeted"]["search"]["seconds"] > 0
     granularities = report["config"]["granularities"]
     assert set(report["summary"]["targeted_targets"]) == {
-        *granularities, *(f"{g}/targeted+ls" for g in granularities),
-        "weight/targeted-iterative+ls"}
+        *granularities, *(f"{g}/{name}" for g in granularities
+                          for name in ("targeted+ls", "targeted-iterative+ls"))}
     # Reconstructed criteria are the same masks with the survivors refitted.
     for granularity, data in report["seeds"][0]["granularities"].items():
         assert data["methods"]["targeted+ls"]["search"] == {
@@ -265,3 +266,17 @@ def test_quick_run_on_real_mnist(tmp_path, capsys):
     assert report["data"]["sizes"] == {"train": 5000, "search": 1000, "val": 2000, "test": 2000}
     assert report["seeds"][0]["dense"]["test_accuracy"] > 0.85
     assert "neuron granularity" in capsys.readouterr().out
+
+
+def test_summary_without_magnitude_has_no_magnitude_comparison(quick_report):
+    report, _ = quick_report
+    from bingo.experiment.report import markdown, summarize
+
+    trimmed = copy.deepcopy({k: v for k, v in report.items() if k != "summary"})
+    for seed in trimmed["seeds"]:
+        for data in seed["granularities"].values():
+            del data["methods"]["magnitude"]
+    trimmed["summary"] = summarize(trimmed)
+    for targets in trimmed["summary"]["targets"].values():
+        assert targets["magnitude_sparsity"] is None and targets["beats_magnitude"] is None
+    assert "Targets of issue #3" in markdown(trimmed)

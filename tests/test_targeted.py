@@ -285,8 +285,11 @@ def test_iterative_refit_follows_imps_schedule_on_refitted_weights():
     assert all(torch.equal(second[k], mine[k]) for k in mine)
     assert not all(torch.equal(mine[k], bingo.prune(model, lamp, sparsity=0.36, progress=False)
                                .unit_masks[k]) for k in mine)
+    neurons = targeted_scores(model, "neuron", data=(x, y), search="iterative",
+                              ranking="magnitude", max_sparsity=0.6)
+    assert sorted(torch.cat(list(neurons.values())).tolist()) == [float(i) for i in range(16)]
     with pytest.raises(InvalidOptionError, match="ranks"):
-        targeted_scores(model, "neuron", data=(x, y), search="iterative")
+        targeted_scores(model, "neuron", data=(x, y), search="allocation")
     with pytest.raises(InvalidOptionError, match="rate"):
         targeted_scores(model, "weight", data=(x, y), search="iterative", rate=1.5)
 

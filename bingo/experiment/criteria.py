@@ -90,9 +90,11 @@ CRITERIA: dict[str, Criterion] = {
     "targeted-refit": lambda run, g: baseline_scores(
         "targeted", run.model, _neuron_only(g), data=run.train_data, seed=run.seed,
         refit_every=8),
-    # Weights: IMP's schedule with a least-squares refit in place of each retraining.
+    # IMP's schedule with a least-squares refit in place of each retraining (ranked by LAMP for
+    # weights, by layer-normalised magnitude for neurons).
     "targeted-iterative": lambda run, g: baseline_scores(
-        "targeted", run.model, g, data=run.train_data, seed=run.seed, search="iterative"),
+        "targeted", run.model, g, data=run.train_data, seed=run.seed, search="iterative",
+        ranking="lamp" if g == "weight" else "magnitude"),
 }
 """Criterion name -> ``(run, granularity) -> scores``; the tables list them in this order."""
 
@@ -127,7 +129,7 @@ ONLY_AT: dict[str, tuple[str, ...]] = {
     **{name: ("neuron",) for name in ("targeted-exhaustive", "targeted-no-joint",
                                       "targeted-accuracy", "targeted-macs", "targeted-macs+ls",
                                       "targeted-refit", "targeted-refit+ls")},
-    "targeted-iterative": ("weight",), "targeted-iterative+ls": ("weight",)}
+    **{name: ("weight", "neuron") for name in ("targeted-iterative", "targeted-iterative+ls")}}
 """Criteria that exist at some granularities only (the runner skips them elsewhere); every other
 criterion applies to all."""
 

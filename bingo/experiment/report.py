@@ -138,16 +138,19 @@ def _targets(report: dict, summary: dict, config: dict) -> dict:
         methods = data["methods"]
         searched = {n: r for n, r in methods.items() if r["kind"] == "search"}
         best = max(searched, key=lambda n: methods[n]["floors"][key]["sparsity"]["mean"])
+        # magnitude may not be among the measured criteria (--criteria): then no comparison
         same_seeds = [s["granularities"][granularity]["methods"]["magnitude"]["floors"][key]
                       ["sparsity"] for s in report["seeds"]
-                      if best in s["granularities"][granularity]["methods"]]
+                      if best in s["granularities"][granularity]["methods"]
+                      and "magnitude" in s["granularities"][granularity]["methods"]]
         magnitude = mean_std(same_seeds)
         ratios = [c["ratio"] for c in methods[MAIN]["compute_vs_imp"] if c["ratio"] is not None]
         targets[granularity] = dict(
             best_bingo_setting=best,
             best_bingo_sparsity=methods[best]["floors"][key]["sparsity"],
             magnitude_sparsity=magnitude,
-            beats_magnitude=methods[best]["floors"][key]["sparsity"]["mean"] > magnitude["mean"],
+            beats_magnitude=(None if magnitude is None else
+                             methods[best]["floors"][key]["sparsity"]["mean"] > magnitude["mean"]),
             overhead_percent=methods[MAIN]["overhead_percent"],
             overhead_within_25_percent=methods[MAIN]["overhead_percent"]["mean"] <= 25.0,
             imp_to_bingo_compute=mean_std(ratios),
@@ -386,7 +389,8 @@ def markdown(report: dict) -> str:
         seeds = t["best_bingo_sparsity"]["n"]
         rows.append([granularity, f"{t['best_bingo_setting']}: {_pm(t['best_bingo_sparsity'])}"
                                   f" ({seeds} seed{'s' if seeds > 1 else ''})",
-                     _pm(t["magnitude_sparsity"]), "yes" if t["beats_magnitude"] else "**no**",
+                     _pm(t["magnitude_sparsity"]),
+                     {True: "yes", False: "**no**", None: "—"}[t["beats_magnitude"]],
                      _pm(t["overhead_percent"], 1.0, 0),
                      "yes" if t["overhead_within_25_percent"] else "**no**",
                      _pm(t["imp_to_bingo_compute"], 1.0, 2),

@@ -49,8 +49,10 @@ class IterativeRefitConfig:
     """Stop after the round that reaches this fraction of all scored weights; the survivors rank
     above every removed weight, by the last round's criterion."""
     ranking: str = "lamp"
-    """Criterion each round ranks the refitted weights by, one of :data:`RANKINGS` (LAMP's layer
-    normalisation keeps one layer from being emptied first)."""
+    """Criterion each round ranks the refitted units by, one of :data:`RANKINGS` (LAMP's layer
+    normalisation keeps one layer from being emptied first). For neurons the harness uses
+    "magnitude" (layer-normalised row norms): on LeNet-300-100 seed 0 it pruned 82% at the floor
+    where "lamp" pruned 74% (one seed, validation floors)."""
     samples: int = 4096
     """Calibration examples of the refits (seeded subset of ``data``)."""
     damping: float = 0.01
@@ -86,8 +88,10 @@ def _rounds(rate: float, max_sparsity: float) -> list[float]:
 
 @torch.no_grad()
 def iterative_refit(model: nn.Module, data, config: Optional[IterativeRefitConfig] = None, *,
-                    include=None, exclude=None, progress: bool = True) -> IterativeRefitResult:
-    """Iterative pruning of ``model``'s weights with a least-squares refit per round.
+                    include=None, exclude=None, progress: bool = True,
+                    granularity: str = "weight") -> IterativeRefitResult:
+    """Iterative pruning of ``model``'s weights (or neurons / channels: ``granularity``) with a
+    least-squares refit per round.
 
     Args:
         model: the trained model (not modified).
@@ -116,7 +120,7 @@ def iterative_refit(model: nn.Module, data, config: Optional[IterativeRefitConfi
     for r, sparsity in enumerate(tqdm(_rounds(config.rate, config.max_sparsity),
                                       desc="iterative refit", unit="round",
                                       disable=not progress)):
-        scores = baseline_scores(config.ranking, current, "weight", include=include,
+        scores = baseline_scores(config.ranking, current, granularity, include=include,
                                  exclude=exclude)
         if keep is None:
             removed_at = {k: torch.full(v.shape, math.inf, dtype=torch.float64)
@@ -142,7 +146,7 @@ def iterative_refit(model: nn.Module, data, config: Optional[IterativeRefitConfi
         refit(current, pruned.masks)
         result.rounds.append(dict(sparsity=sparsity, removed=int(sum(
             (~m).sum() for m in keep.values())), seconds=time.perf_counter() - started))
-    last = _flat_order(baseline_scores(config.ranking, current, "weight", include=include,
+    last = _flat_order(baseline_scores(config.ranking, current, granularity, include=include,
                                        exclude=exclude))
     result.scores = _scores(removed_at, within, last)
     result.seconds = time.perf_counter() - started

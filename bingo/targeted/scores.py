@@ -26,7 +26,7 @@ DEFAULT_SEARCH: dict[str, str] = {"neuron": "elimination", "weight": "iterative"
 """Granularity -> the search :func:`targeted_scores` runs when none is named: the best measured
 one for each (docs/results.md)."""
 SEARCH_GRANULARITIES: dict[str, tuple[str, ...]] = {
-    "elimination": ("neuron",), "allocation": ("weight",), "iterative": ("weight",)}
+    "elimination": ("neuron",), "allocation": ("weight",), "iterative": ("weight", "neuron")}
 """Search name -> the granularities it ranks."""
 
 
@@ -56,8 +56,9 @@ def targeted_scores(model: nn.Module, granularity: str = "neuron", include=None,
     if unknown:
         raise InvalidOptionError(f"unknown option(s) {unknown} for the {search} targeted "
                                  f"search; its options are: {', '.join(sorted(fields))}")
+    extra = {"granularity": granularity} if search == "iterative" else {}
     result = run_search(model, data, config_type(**options), include=include, exclude=exclude,
-                    progress=progress)
+                        progress=progress, **extra)
     scores = _Scores(result.scores)
     scores.result = result
     return scores
