@@ -459,8 +459,13 @@ class _MaskWriter:
 
     @torch.no_grad()
     def restore(self) -> None:
-        for name, original in self.originals.items():
-            self.params[name].copy_(original)
+        _restore(self.params, self.originals)
+
+
+@torch.no_grad()
+def _restore(params: Mapping[str, Tensor], originals: Mapping[str, Tensor]) -> None:
+    for name, original in originals.items():
+        params[name].copy_(original)
 
 
 @torch.no_grad()
@@ -1031,8 +1036,7 @@ def prune(
             _write_masked(params, originals, masks)
             reconstruct(work, masks)
         except BaseException:  # inplace=True: never leave the caller's model half-refitted
-            _write_masked(params, originals, {n: torch.ones((), dtype=torch.bool)
-                                              for n in originals})
+            _restore(params, originals)
             raise
         reconstructed = list(reconstruct.refitted)
     structured_result = _structured(work, unit_masks, granularity, structured)
