@@ -127,11 +127,11 @@ CRITERIA.update({f"{name}+ls": _least_squares(CRITERIA[name]) for name in RECONS
 
 ONLY_AT: dict[str, tuple[str, ...]] = {
     **{name: ("neuron",) for name in ("targeted-exhaustive", "targeted-no-joint",
-                                      "targeted-accuracy", "targeted-macs", "targeted-macs+ls",
-                                      "targeted-refit", "targeted-refit+ls")},
-    **{name: ("weight", "neuron") for name in ("targeted-iterative", "targeted-iterative+ls")}}
+                                      "targeted-accuracy", "targeted-macs", "targeted-refit")},
+    "targeted-iterative": ("weight", "neuron")}
 """Criteria that exist at some granularities only (the runner skips them elsewhere); every other
-criterion applies to all."""
+criterion applies to all. A ``"+ls"`` criterion exists where its base does."""
+ONLY_AT.update({f"{name}+ls": ONLY_AT[name] for name in RECONSTRUCTED if name in ONLY_AT})
 
 
 def applies(name: str, granularity: str) -> bool:
@@ -139,6 +139,7 @@ def applies(name: str, granularity: str) -> bool:
     return granularity in ONLY_AT.get(name, (granularity,))
 
 
-TRAINING_HOOKED = ("taylor", "lamp-taylor", "taylor+ls")
+TRAINING_HOOKED = ("taylor", "lamp-taylor")
+TRAINING_HOOKED += tuple(f"{name}+ls" for name in RECONSTRUCTED if name in TRAINING_HOOKED)
 """Criteria whose evidence is gathered by hooks inside the training steps (their cost is part of
 the measured training time; the report measures it apart, see ``runner._hook_overhead``)."""

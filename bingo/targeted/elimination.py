@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bingo.errors import InputMismatchError, InvalidOptionError, require_option
+from bingo.pruning import PARAM_MASKS
 from bingo.reconstruct import LeastSquaresReconstruction
 
 from .incremental import EVALUATORS, ScoredLayer, SequentialEvaluator, scored_layers
@@ -327,16 +328,13 @@ def eliminate(model: nn.Module, data, config: Optional[EliminationConfig] = None
 
 def _removal_masks(work: nn.Sequential, layers: list[ScoredLayer], alive: dict
                    ) -> dict[str, Tensor]:
-    """Parameter keep-masks of the units still alive (as :func:`bingo.prune` writes them at
-    neuron granularity), for the refit."""
+    """Parameter keep-masks of the units still alive, as :func:`bingo.prune` writes them at
+    neuron granularity, for the refit."""
     masks = {}
     for layer in layers:
-        keep = alive[layer.key]
-        weight = work[layer.index].weight
         name = layer.key.rpartition(".")[0]
-        masks[layer.key] = keep.view(-1, *([1] * (weight.dim() - 1))).expand(weight.shape)
-        if work[layer.index].bias is not None:
-            masks[f"{name}.bias"] = keep
+        for pname, mask in PARAM_MASKS["neuron"](alive[layer.key], work[layer.index]).items():
+            masks[f"{name}.{pname}"] = mask
     return masks
 
 

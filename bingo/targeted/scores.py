@@ -56,7 +56,8 @@ def targeted_scores(model: nn.Module, granularity: str = "neuron", include=None,
     if unknown:
         raise InvalidOptionError(f"unknown option(s) {unknown} for the {search} targeted "
                                  f"search; its options are: {', '.join(sorted(fields))}")
-    extra = {"granularity": granularity} if search == "iterative" else {}
+    # A search that ranks several granularities is told which one.
+    extra = {"granularity": granularity} if len(SEARCH_GRANULARITIES[search]) > 1 else {}
     result = run_search(model, data, config_type(**options), include=include, exclude=exclude,
                         progress=progress, **extra)
     scores = _Scores(result.scores)
