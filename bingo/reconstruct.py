@@ -28,8 +28,10 @@ Cholesky factor of the inverse Hessian (SparseGPT's fixed-mask update, blocked):
 for that column order, not the exact one (on strongly correlated inputs it can leave a third more
 error than the exact fit; tests/test_reconstruct.py).
 
-Cost per reconstruction: one forward pass over the calibration data per refitted layer (stopped
-at that layer), ``samples * F^2`` multiply-adds for each layer's ``F x F`` Hessian (F = its
+Cost per reconstruction: for a plain ``nn.Sequential`` one forward pass over the calibration data
+in all (each top-level child runs once, on the inputs the child before produced with its refitted
+weights); for any other model one forward pass per refitted layer, stopped at that layer;
+``samples * F^2`` multiply-adds for each layer's ``F x F`` Hessian (F = its
 inputs, times kernel area for a convolution) and an ``F^3`` solve; per-weight masks add the sum
 over rows of ``|S|^3`` (exact rows) or ``out * F^2`` (OBS update). The statistics and solves run in float64 on the CPU whatever the model's
 device (exact and simple for the layer widths measured here; a GPU path for wide layers is not
@@ -91,6 +93,46 @@ def _layers_in_forward_order(model: nn.Module, probe: Tensor) -> list[_Layer]:
                                      f"zero-padded Conv2d only; layer {name!r} has groups="
                                      f"{module.groups}, padding_mode={module.padding_mode!r}")
     return [_Layer(name, modules[name]) for name in calls]
+
+
+class _SequentialStream:
+    """The calibration inputs of one top-level child of a plain ``nn.Sequential``, as the model's
+    current weights produce them. Layers are refitted in forward order and a refit changes
+    nothing upstream of it, so the stream only ever moves forward: each child runs once per
+    reconstruction, not once per refitted layer after it."""
+
+    def __init__(self, model: nn.Sequential, batches):
+        self.model, self.index, self.chunks = model, 0, list(batches)
+
+    @staticmethod
+    def child_index(model: nn.Module, layer_name: str) -> int | None:
+        """The top-level child of ``model`` holding ``layer_name``; None when ``model`` is not a
+        plain nn.Sequential (a subclass may run its children in any order)."""
+        if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
+            return None
+        head = layer_name.partition(".")[0]
+        names = [name for name, _ in model.named_children()]
+        return names.index(head) if head in names else None
+
+    def inputs_of(self, index: int) -> list[Tensor]:
+        if index < self.index:
+            raise AssertionError("the stream moves forward only")  # layers come in forward order
+        while self.index < index:
+            child = self.model[self.index]
+            self.chunks = [child(chunk) for chunk in self.chunks]
+            self.index += 1
+        return self.chunks
+
+
+def _row_fingerprints(module: nn.Module) -> dict[str, Tensor]:
+    """Per tensor of ``module`` (parameters and buffers), one (sum, sum of squares) pair per
+    leading-dimension row, in float64: enough to tell whether a row still holds the values
+    prepare() saw, without keeping a copy of the weights."""
+    out = {}
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        rows = tensor.detach().reshape(tensor.shape[0] if tensor.dim() else 1, -1).double()
+        out[name] = torch.stack([rows.sum(1), rows.square().sum(1)], 1).cpu()
+    return out
 
 
 def _as_rows(module: nn.Module, inputs: Tensor) -> Tensor:
@@ -194,7 +236,10 @@ class LeastSquaresReconstruction:
         self.damping, self.chunk, self.block = float(damping), chunk, block
         self.exact_features = exact_features
         self._targets: dict[str, Tensor] | None = None
+        self._output_shapes: dict[str, tuple[int, ...]] = {}
         self._dense_statistics: dict[str, tuple] = {}
+        self._dense_outputs: dict[str, Tensor] = {}
+        self._fingerprints: dict[str, dict[str, Tensor]] = {}
         self._layers: list[_Layer] | None = None
         self.refitted: list[str] = []
         """Names of the layers the last call refitted, in forward order."""
@@ -224,9 +269,16 @@ class LeastSquaresReconstruction:
         try:
             self._layers = _layers_in_forward_order(model, probe)
             outputs: dict[str, list[Tensor]] = {l.name: [] for l in self._layers}
+            shapes: dict[str, tuple[int, ...]] = {}
+
+            def record(module, _inputs, out, name):
+                shapes[name] = tuple(out.shape[1:])
+                # The model's own dtype: these are its outputs, so the float64 statistics
+                # convert them exactly on use, at half the memory.
+                outputs[name].append(_outputs_as_rows(module, out).cpu())
+
             handles = [l.module.register_forward_hook(
-                lambda m, _i, out, name=l.name: outputs[name].append(
-                    _outputs_as_rows(m, out).double().cpu())) for l in self._layers]
+                lambda m, i, out, name=l.name: record(m, i, out, name)) for l in self._layers]
             try:
                 for batch in self._batches(model):
                     model(batch)
@@ -236,7 +288,13 @@ class LeastSquaresReconstruction:
         finally:
             model.train(was_training)
         self._targets = {name: torch.cat(chunks) for name, chunks in outputs.items()}
+        self._output_shapes = shapes
         self._dense_statistics: dict[str, tuple] = {}
+        self._dense_outputs: dict[str, Tensor] = {}
+        self._fingerprints = ({name: _row_fingerprints(child)
+                               for name, child in model.named_children()}
+                              if _SequentialStream.child_index(model, self._layers[0].name)
+                              is not None else {})
         for name, target in self._targets.items():
             if not bool(torch.isfinite(target).all()):
                 raise NonFiniteError(f"the dense model's output of layer {name!r} is not finite "
@@ -259,6 +317,9 @@ class LeastSquaresReconstruction:
         model.eval()
         self.refitted = []
         changed = False
+        stream = (_SequentialStream(model, self._batches(model))
+                  if _SequentialStream.child_index(model, self._layers[0].name) is not None
+                  else None)
         try:
             for layer in self._layers:
                 weight_mask = masks.get(f"{layer.name}.weight" if layer.name else "weight")
@@ -270,8 +331,11 @@ class LeastSquaresReconstruction:
                     # Its input is the dense one and each row is kept whole or removed whole:
                     # the kept rows already are the exact fit of the dense outputs.
                     changed = True
+                    if stream is not None:
+                        self._skip_whole_rows(model, layer, weight_mask, stream)
                     continue
-                self._refit(model, layer, weight_mask, bias_mask, upstream_changed=changed)
+                self._refit(model, layer, weight_mask, bias_mask, upstream_changed=changed,
+                            stream=stream)
                 self.refitted.append(layer.name)
                 changed = True
         finally:
@@ -279,12 +343,60 @@ class LeastSquaresReconstruction:
 
     # -- one layer ------------------------------------------------------------------------
 
-    def _statistics(self, model: nn.Module, layer: _Layer) -> tuple[Tensor, ...]:
+    def _skip_whole_rows(self, model: nn.Module, layer: _Layer, weight_mask: Tensor,
+                         stream: _SequentialStream) -> None:
+        """Move ``stream`` past the first pruned layer without running it (nor anything before
+        it), when that layer is a top-level child: on its dense input a row removed whole
+        outputs exactly its bias, and a kept row exactly its dense output, which prepare()
+        recorded. That holds only while those children carry the prepared values (a model of
+        the same architecture with other weights, or NaN weights, may be passed): otherwise the
+        stream is left alone and runs them."""
+        index = _SequentialStream.child_index(model, layer.name)
+        names = [name for name, _ in model.named_children()]
+        if names[index] != layer.name or stream.index > index or not self._fingerprints:
+            return
+        module = model.get_submodule(layer.name)
+        kept = weight_mask.reshape(weight_mask.shape[0], -1)[:, 0].cpu()
+        for name in names[:index + 1]:
+            now, then = _row_fingerprints(model.get_submodule(name)), self._fingerprints[name]
+            for tensor, prints in then.items():
+                rows = kept if name == layer.name and prints.shape[0] == kept.shape[0] else ...
+                if tensor not in now or not torch.equal(now[tensor][rows], prints[rows]):
+                    return
+        dense = self._dense_outputs.get(layer.name)
+        if dense is None:
+            shape = self._output_shapes[layer.name]
+            rows = self._targets[layer.name]
+            if isinstance(module, nn.Conv2d):  # rows are (N * positions, C): back to NCHW
+                dense = rows.reshape(-1, shape[1] * shape[2], shape[0]).transpose(1, 2)
+                dense = dense.reshape(-1, *shape).contiguous()
+            else:
+                dense = rows.reshape(-1, *shape)
+            dense = self._dense_outputs.setdefault(layer.name, dense)
+        removed = ~kept
+        value = (module.bias.detach()[removed.to(module.bias.device)].cpu()
+                 if module.bias is not None else 0.0)
+        param = module.weight
+        chunks = []
+        for chunk in torch.split(dense, self.chunk):
+            chunk = chunk.clone()
+            channels = chunk.movedim(1, -1) if isinstance(module, nn.Conv2d) else chunk
+            channels[..., removed] = value
+            chunks.append(chunk.to(param.device, param.dtype))
+        stream.index, stream.chunks = index + 1, chunks
+
+    def _statistics(self, model: nn.Module, layer: _Layer, stream: _SequentialStream | None
+                    ) -> tuple[Tensor, ...]:
         """n, sum x, sum x x^T, sum x y^T, sum y over the calibration rows of ``layer`` (float64):
         x its input in ``model``, y the dense output."""
         target = self._targets[layer.name]
         module = model.get_submodule(layer.name)
         seen: list[Tensor] = []
+        if stream is None:
+            run, chunks = model, self._batches(model)
+        else:  # only the top-level child that holds the layer runs, on the stream's inputs
+            index = _SequentialStream.child_index(model, layer.name)
+            run, chunks = model[index], stream.inputs_of(index)
 
         def grab(module, args):
             seen.append(_as_rows(module, args[0]).double().cpu())
@@ -293,14 +405,14 @@ class LeastSquaresReconstruction:
         handle = module.register_forward_pre_hook(grab)
         n, sx, sxx, sxy, row = 0, None, None, None, 0
         try:
-            for batch in self._batches(model):
+            for batch in chunks:
                 seen.clear()
                 try:
-                    model(batch)
+                    run(batch)
                 except _Stop:
                     pass
                 x = seen[0]
-                y = target[row:row + x.shape[0]]
+                y = target[row:row + x.shape[0]].double()
                 row += x.shape[0]
                 if sx is None:
                     sx, sxx = x.sum(0), x.T @ x
@@ -318,18 +430,19 @@ class LeastSquaresReconstruction:
         if not bool(torch.isfinite(sxx).all()):
             raise NonFiniteError(f"the input of layer {layer.name!r} is not finite in the pruned "
                                  "model (NaN or Inf weights?)")
-        return n, sx, sxx, sxy, target.sum(0)
+        return n, sx, sxx, sxy, target.double().sum(0)
 
     def _refit(self, model: nn.Module, layer: _Layer, weight_mask: Tensor | None,
-               bias_mask: Tensor | None, upstream_changed: bool) -> None:
+               bias_mask: Tensor | None, upstream_changed: bool,
+               stream: _SequentialStream | None) -> None:
         module = model.get_submodule(layer.name)
         weight = module.weight
         out = weight.shape[0]
         if upstream_changed:
-            n, sx, sxx, sxy, sy = self._statistics(model, layer)
+            n, sx, sxx, sxy, sy = self._statistics(model, layer, stream)
         else:  # the dense input: the same statistics on every call (a floor search makes many)
             if layer.name not in self._dense_statistics:
-                self._dense_statistics[layer.name] = self._statistics(model, layer)
+                self._dense_statistics[layer.name] = self._statistics(model, layer, stream)
             n, sx, sxx, sxy, sy = self._dense_statistics[layer.name]
         current = weight.detach().reshape(out, -1).double().cpu()
         keep = (torch.ones_like(current, dtype=torch.bool) if weight_mask is None

@@ -173,6 +173,62 @@ def test_conv_channel_refit_is_the_least_squares_fit_over_patches_and_shrinks_ex
         assert torch.allclose(small(x), model(x), atol=1e-10)
 
 
+class _Wrapped(nn.Module):
+    """The same layers behind a forward of its own: reconstruction takes its general path (a
+    prefix forward per refitted layer, no skipped layers) instead of the Sequential stream."""
+
+    def __init__(self, inner: nn.Sequential):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("kind", ["neuron", "weight"])
+def test_the_sequential_stream_refits_as_the_general_path_does(kind):
+    seed = int(torch.randint(0, 2 ** 31, ()))
+    model = _conv_net(seed % 1000)
+    x = torch.randn(120, 1, 8, 8, dtype=torch.float64)
+    if kind == "neuron":  # the first layer pruned by whole channels: the stream skips it
+        masks = {**_neuron_masks(model, 0, [1, 3]), **_neuron_masks(model, 2, [0])}
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        masks = {f"{i}.weight": torch.rand(model[i].weight.shape, generator=generator) > 0.4
+                 for i in (0, 2, 5)}
+    wrapped = _Wrapped(copy.deepcopy(model))
+    for target in (model, wrapped):
+        rec = LeastSquaresReconstruction(x, damping=1e-6, chunk=50)
+        rec.prepare(target)
+        named = masks if target is model else {f"inner.{k}": v for k, v in masks.items()}
+        _write(target, named)
+        rec(target, named)
+    for (name, a), b in zip(model.named_parameters(), wrapped.inner.parameters()):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-10), (seed, name)
+
+
+def test_a_changed_model_is_run_not_skipped():
+    """The stream skips the first pruned layer using the prepared outputs only while the layers
+    up to it hold the prepared values; a model with other weights there is run instead."""
+    model = _mlp(0)
+    x = torch.randn(80, 12, dtype=torch.float64)
+    rec = LeastSquaresReconstruction(x, damping=TINY)
+    rec.prepare(model)
+    masks = _neuron_masks(model, 2, [1, 4])
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)  # changed after prepare(), upstream of the pruned layer
+    _write(model, masks)
+    rec(model, masks)
+    assert rec.refitted == ["4"]
+    with torch.no_grad():
+        h = torch.relu(model[2](torch.relu(model[0](x))))
+        y = _mlp(0)(x)
+    varying = h.var(0) > 0
+    w, b = _lstsq_with_intercept(h[:, varying], y)
+    assert torch.allclose(model[4].weight[:, varying], w, atol=1e-6)
+    assert torch.allclose(model[4].bias, b, atol=1e-6)
+
+
 def _data(seed: int, n: int = 400):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 12, generator=generator, dtype=torch.float64)

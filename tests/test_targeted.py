@@ -81,6 +81,21 @@ def test_refresh_reports_the_models_own_loss():
     assert ev.loss == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("start", [0, 3, 7])
+def test_refresh_from_a_child_equals_a_full_refresh(start):
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, ())))
+    model = _convnet().eval()
+    x, y = torch.randn(16, 2, 8, 8), torch.randint(0, 3, (16,))
+    ev = SequentialEvaluator(model, x, y)
+    with torch.no_grad():  # a change at child `start` leaves the children before it as cached
+        model[start].weight[0] = 0.0
+    partial = ev.refresh(start)
+    outputs = [o.clone() for o in ev.outputs]
+    assert partial == ev.refresh(0)
+    assert all(torch.equal(a, b) for a, b in zip(outputs, ev.outputs))
+    assert ev.loss == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-5)
+
+
 def _data(model: nn.Module, n: int = 256, features: int = 12, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, features, generator=generator)

@@ -135,7 +135,7 @@ def allocate(model: nn.Module, data, config: Optional[AllocationConfig] = None, 
             done[l] += count
             removed += count
             result.steps += 1
-            ev.refresh()
+            ev.refresh(positions[l])
             bar.update(count)
     # The weights never removed rank above all removed ones: per layer by magnitude, layers
     # interleaved by how far down their own order a weight sits (a LAMP-like position).

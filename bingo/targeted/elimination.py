@@ -174,7 +174,7 @@ class EliminationResult:
     variants: int = 0
     """Single-unit removal variants evaluated (downstream-only passes)."""
     refreshes: int = 0
-    """Full forwards of the evidence batch (cache refreshes)."""
+    """Cache refreshes: forwards of the evidence batch from the first changed layer on."""
     backoffs: int = 0
     """Steps the joint check cut back to one unit."""
     refits: int = 0
@@ -294,7 +294,7 @@ def eliminate(model: nn.Module, data, config: Optional[EliminationConfig] = None
             before = (ev.loss, ev.accuracy)
             for d, i, unit in picked:
                 _set_unit(work, model, layers[i], unit, removed=True)
-            ev.refresh()
+            ev.refresh(min(layers[i].index for _, i, _ in picked))
             result.refreshes += 1
             predicted = sum(d for d, _, _ in picked)
             actual = damage_of(torch.tensor([ev.loss]), torch.tensor([ev.accuracy]),
@@ -304,8 +304,8 @@ def eliminate(model: nn.Module, data, config: Optional[EliminationConfig] = None
             if backoff:
                 for _, i, unit in picked[1:]:
                     _set_unit(work, reference, layers[i], unit, removed=False)
+                ev.refresh(min(layers[i].index for _, i, _ in picked[1:]))
                 picked = picked[:1]
-                ev.refresh()
                 result.refreshes += 1
                 result.backoffs += 1
             for _, i, unit in picked:

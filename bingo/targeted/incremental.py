@@ -134,10 +134,14 @@ class SequentialEvaluator:
         self.refresh()
 
     @torch.no_grad()
-    def refresh(self) -> tuple[float, float]:
-        """Re-run the model on the evidence (after its weights changed); returns (loss, accuracy)."""
-        x, self.outputs = self.inputs, []
-        for module in self.children:
+    def refresh(self, start: int = 0) -> tuple[float, float]:
+        """Re-run the model on the evidence after its weights changed; returns (loss, accuracy).
+        ``start``: the first child whose weights changed. The cached outputs of the children
+        before it are still exact, so only the children from it on run again (removing a unit
+        of a late layer then costs a fraction of a forward)."""
+        start = min(max(start, 0), len(self.outputs))
+        x, self.outputs = self.input_of(start), self.outputs[:start]
+        for module in self.children[start:]:
             x = module(x)
             self.outputs.append(x)
         loss, acc = self.metrics(x.unsqueeze(0))
