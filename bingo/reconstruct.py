@@ -238,7 +238,6 @@ class LeastSquaresReconstruction:
         self._targets: dict[str, Tensor] | None = None
         self._output_shapes: dict[str, tuple[int, ...]] = {}
         self._dense_statistics: dict[str, tuple] = {}
-        self._dense_outputs: dict[str, Tensor] = {}
         self._fingerprints: dict[str, dict[str, Tensor]] = {}
         self._layers: list[_Layer] | None = None
         self.refitted: list[str] = []
@@ -290,7 +289,6 @@ class LeastSquaresReconstruction:
         self._targets = {name: torch.cat(chunks) for name, chunks in outputs.items()}
         self._output_shapes = shapes
         self._dense_statistics: dict[str, tuple] = {}
-        self._dense_outputs: dict[str, Tensor] = {}
         self._fingerprints = ({name: _row_fingerprints(child)
                                for name, child in model.named_children()}
                               if _SequentialStream.child_index(model, self._layers[0].name)
@@ -353,7 +351,7 @@ class LeastSquaresReconstruction:
         stream is left alone and runs them."""
         index = _SequentialStream.child_index(model, layer.name)
         names = [name for name, _ in model.named_children()]
-        if names[index] != layer.name or stream.index > index or not self._fingerprints:
+        if names[index] != layer.name or not self._fingerprints:
             return
         module = model.get_submodule(layer.name)
         kept = weight_mask.reshape(weight_mask.shape[0], -1)[:, 0].cpu()
@@ -363,23 +361,17 @@ class LeastSquaresReconstruction:
                 rows = kept if name == layer.name and prints.shape[0] == kept.shape[0] else ...
                 if tensor not in now or not torch.equal(now[tensor][rows], prints[rows]):
                     return
-        dense = self._dense_outputs.get(layer.name)
-        if dense is None:
-            shape = self._output_shapes[layer.name]
-            rows = self._targets[layer.name]
-            if isinstance(module, nn.Conv2d):  # rows are (N * positions, C): back to NCHW
-                dense = rows.reshape(-1, shape[1] * shape[2], shape[0]).transpose(1, 2)
-                dense = dense.reshape(-1, *shape).contiguous()
-            else:
-                dense = rows.reshape(-1, *shape)
-            dense = self._dense_outputs.setdefault(layer.name, dense)
+        shape, dense = self._output_shapes[layer.name], self._targets[layer.name]
+        if isinstance(module, nn.Conv2d):  # rows are (N * positions, C): an NCHW view of them
+            dense = dense.reshape(-1, shape[1] * shape[2], shape[0]).transpose(1, 2)
+        dense = dense.reshape(-1, *shape)
         removed = ~kept
         value = (module.bias.detach()[removed.to(module.bias.device)].cpu()
                  if module.bias is not None else 0.0)
         param = module.weight
         chunks = []
         for chunk in torch.split(dense, self.chunk):
-            chunk = chunk.clone()
+            chunk = chunk.clone(memory_format=torch.contiguous_format)  # never write the targets
             channels = chunk.movedim(1, -1) if isinstance(module, nn.Conv2d) else chunk
             channels[..., removed] = value
             chunks.append(chunk.to(param.device, param.dtype))
