@@ -4,12 +4,12 @@
 #   bash bench/gpu_validation.sh            # tests, then the benchmarks (quick grid)
 #   bash bench/gpu_validation.sh tests      # only the tests (compiled kernels, bf16 included)
 #   bash bench/gpu_validation.sh bench      # only the benchmarks
-#   bash bench/gpu_validation.sh sass       # only the cuda backend's ptxas -v report and SASS
+#   bash bench/gpu_validation.sh sass       # only both backends' resources, ptxas -v and SASS
 #   FULL=1 bash bench/gpu_validation.sh     # the benchmarks' full `--preset gpu` grid (long)
 #
 # Everything goes to bench/results/<NAME>* (NAME defaults to gpu-<date>): the pytest log, the
 # masked_reset_linear + TicketSearch.step CSV/markdown, the subset_metrics CSV/markdown, the cuda
-# extension's JIT build log, `-Xptxas -v` report and SASS (for comparing with Triton's kernels).
+# extension's JIT build log, both backends' kernel resources, `-Xptxas -v` reports and SASS.
 # Nothing here has been run yet on a GPU by the session that wrote it (it had none): expect
 # first-run fixes, and record the numbers only from an actual run.
 set -uo pipefail
@@ -63,10 +63,11 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
   # torch backend (cuda also vs triton: all three must agree), fp32 / fp16 / bf16 (+ fp64 for
   # cuda), masks bit for bit, TicketSearch(backend=...) == backend="torch".
   # test_triton_kernels: opcheck of the CUDA registration, backend="auto" dispatch, launch proof.
-  # test_cuda_ext: the JIT build and registration. test_kernel_ops / test_search: the CPU
-  # contracts still hold with the CUDA kernels registered; test_linear_metrics: the fused op.
+  # test_cuda_ext: the JIT build and registration. test_triton_aot: the compiled code's facts
+  # (tensor cores, no TF32, no spills). test_kernel_ops / test_search: the CPU contracts still
+  # hold with the CUDA kernels registered; test_linear_metrics: the fused op.
   python -m pytest -q -p no:cacheprovider tests/test_accelerated_kernels.py \
-    tests/test_triton_kernels.py tests/test_cuda_ext.py \
+    tests/test_triton_kernels.py tests/test_cuda_ext.py tests/test_triton_aot.py \
     tests/test_kernel_ops.py tests/test_linear_metrics.py tests/test_search.py -ra 2>&1 \
     | tee "$out/$name-tests.log"
   status=${PIPESTATUS[0]}
@@ -88,28 +89,26 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
 fi
 
 if [ "$what" = all ] || [ "$what" = sass ]; then
-  # For the "where is cuda slower than triton, and why" analysis: registers, spills and shared
-  # memory per kernel (-Xptxas -v), the SASS of the cuda kernels (HMMA in the fp16/bf16 GEMMs,
-  # FFMA in fp32, load widths, no LDGSTS/cp.async in ours) and of the Triton kernels this run
-  # compiled (from Triton's cache).
+  # For the "where is cuda slower than triton, and why" analysis: registers, spills, shared
+  # memory and SASS instruction counts (wgmma/HMMA/FFMA, cp.async, spills) of every kernel of
+  # both backends compiled for this device (bench/kernel_resources.py: the same table CI makes
+  # for sm_90 without a GPU), each kernel's SASS and the cuda sources' -Xptxas -v reports, plus
+  # the SASS of the Triton kernels this run actually compiled (from Triton's cache: the
+  # specialisations a real launch adds).
   arch=$(python -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))")
   sass="$out/$name-sass"
   mkdir -p "$sass"
-  toolkit=$(python -c "from bingo_kernels.cuda import build; print(build.cuda_home() or '')")
-  export PATH="$PATH${toolkit:+:$toolkit/bin}"
-  command -v cuobjdump > /dev/null || echo "gpu_validation: cuobjdump not found: no SASS dumps"
-  : > "$out/$name-cuda-ptxas.txt"
-  for cu in csrc/kernels/*.cu; do
-    base=$(basename "$cu" .cu)
-    nvcc -O3 -std=c++17 -lineinfo -Icsrc -gencode "arch=compute_$arch,code=sm_$arch" -Xptxas -v \
-      -cubin -o "$sass/cuda-$base.cubin" "$cu" >> "$out/$name-cuda-ptxas.txt" 2>&1 || status=1
-    cuobjdump -sass "$sass/cuda-$base.cubin" > "$sass/cuda-$base.sass" 2>&1 || status=1
-  done
+  python bench/kernel_resources.py --arch "$arch" --name "$name-resources" --sass-dir "$sass" \
+    || status=1
+  cuobjdump=$(python -c "from bingo_kernels import cubin; print(cubin.cuobjdump_path())") \
+    || { echo "gpu_validation: cuobjdump not found: no SASS of the cached Triton kernels"; status=1; }
   cache=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
-  find "$cache" -name '*.cubin' 2>/dev/null | while read -r cubin; do
-    dir=$(basename "$(dirname "$cubin")")
-    cuobjdump -sass "$cubin" > "$sass/triton-$(basename "$cubin" .cubin)-${dir:0:8}.sass" 2>&1
-  done
-  echo "ptxas report: $out/$name-cuda-ptxas.txt; SASS: $sass/"
+  if [ -n "${cuobjdump:-}" ]; then
+    find "$cache" -name '*.cubin' 2>/dev/null | while read -r cubin; do
+      dir=$(basename "$(dirname "$cubin")")
+      "$cuobjdump" -sass "$cubin" > "$sass/cached-$(basename "$cubin" .cubin)-${dir:0:8}.sass" 2>&1
+    done
+  fi
+  echo "resources: $out/$name-resources.md; SASS and ptxas reports: $sass/"
 fi
 exit "$status"

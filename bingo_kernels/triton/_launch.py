@@ -36,6 +36,7 @@ def launcher(jitted, gpu_configs: list, key: list[str], interpreter_meta: dict,
             return tuned[grid_fn](*args, **kwargs)
 
     launch.kernel = jitted
+    launch.configs = list(gpu_configs)  # for ahead-of-time compilation (see .aot)
     return launch
 
 

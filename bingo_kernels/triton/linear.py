@@ -245,6 +245,9 @@ def _weight_blend_kernel(x_ptr, w_ptr, w0_ptr, b_ptr, out_ptr, prob_ptr, prob_sc
 # --- launch configurations ---------------------------------------------------------------------
 
 _GEMM_CONFIGS = [
+    # Short K steps for fp32 weight masks: with fp32's FMA dot the blended tile is held per
+    # thread, and every longer-K tile below spills there (bench/results/kernel-resources-*).
+    config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=3),
     config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
     config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
     config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),

@@ -80,7 +80,8 @@ def _linear_metrics_kernel(h_ptr, w_ptr, w0_ptr, b_ptr, b0_ptr, targets_ptr, nll
 
 _linear_metrics = launcher(
     _linear_metrics_kernel,
-    [config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    [config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=3),  # fp32 weight masks
+     config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
      config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
      config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
      config(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
