@@ -3,8 +3,9 @@
 Every Triton kernel the ops launch (each constexpr variant, dtype and autotuning configuration;
 :mod:`bingo_kernels.triton.aot`) and every kernel of the cuda backend (``csrc/kernels/*.cu``
 through nvcc, whose ``-Xptxas -v`` report goes beside the SASS) is compiled for ``sm_<arch>``;
-the table gives registers per thread, spilled bytes, shared memory, and static counts of the SASS instructions that tell which
-units the inner loops use (wgmma / mma tensor cores, FFMA) and how data moves (cp.async, TMA).
+the table gives registers per thread, spilled bytes, shared memory, and static counts of the
+SASS instructions that tell which units the inner loops use (wgmma / mma tensor cores, FFMA)
+and how data moves (cp.async, TMA).
 These are compiler facts, not timings: they explain a GPU benchmark, they do not replace one.
 
     python bench/kernel_resources.py                         # sm_90, triton + cuda, all configs
@@ -41,6 +42,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from bingo_kernels import cubin  # noqa: E402
+from bingo_kernels.triton import aot  # noqa: E402  (imports no kernel module)
 
 COLUMNS = ["provider", "kernel", "variant", "dtype", "config", "arch", *cubin.RESOURCES,
            "DYNAMIC_SHARED", *cubin.OPCODES, "compiler", "torch_version", "date"]
@@ -52,12 +54,12 @@ _CUDA_DTYPES = {"double": "fp64", "float": "fp32", "__half": "fp16", "__nv_bfloa
 
 
 def triton_rows(archs, dtypes, which, only, sass_dir, jobs):
-    from bingo_kernels.triton import aot
-
     launches = [launch for launch in aot.example_launches(dtypes)
                 if only is None or re.search(only, launch.label)]
-    work = [(launch, config, arch) for launch in launches
-            for config in (launch.configs if which == "all" else [aot.largest_config(launch.configs)])
+    def chosen(configs):
+        return configs if which == "all" else [aot.largest_config(configs)]
+
+    work = [(launch, config, arch) for launch in launches for config in chosen(launch.configs)
             for arch in archs]
 
     def build(job):
@@ -175,8 +177,8 @@ def main(argv=None):
                         help="compute capabilities as numbers (90 = sm_90, Hopper)")
     parser.add_argument("--providers", nargs="+", default=["triton", "cuda"],
                         choices=["triton", "cuda"])
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "fp16", "bf16"],
-                        choices=["fp32", "fp16", "bf16"], help="dtypes of the Triton launches")
+    parser.add_argument("--dtypes", nargs="+", default=list(aot.DTYPES), choices=list(aot.DTYPES),
+                        help="dtypes of the Triton launches")
     parser.add_argument("--configs", choices=["all", "largest"], default="all",
                         help="every autotuning configuration, or only the largest tile per launch")
     parser.add_argument("--only", help="regular expression the Triton launch labels must match")
@@ -210,10 +212,11 @@ def main(argv=None):
         writer.writeheader()
         writer.writerows(rows)
     compilers = sorted({row["compiler"] for row in rows})
+    command = " ".join(argv if argv is not None else sys.argv[1:])
     text = [f"# Kernel resources ({', '.join(f'sm_{a}' for a in args.arch)}), compiled without "
             f"a GPU", "",
             f"{stamp['date']}; {', '.join(compilers)}; torch {stamp['torch_version']}; "
-            f"`python bench/kernel_resources.py {' '.join(argv if argv is not None else sys.argv[1:])}`. "
+            f"`python bench/kernel_resources.py {command}`. "
             "Static facts of the compiled code (registers per thread, spilled bytes, shared "
             "memory per block, instructions in the SASS), not timings.", "", *notes, "",
             "## Summary", "",

@@ -41,8 +41,8 @@ _INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z
 
 
 def cuobjdump_path() -> str:
-    """The ``cuobjdump`` bundled with Triton's NVIDIA backend, else the one on PATH or in
-    CUDA_HOME; RuntimeError naming where it looked if none is found."""
+    """The ``cuobjdump`` bundled with Triton's NVIDIA backend, else the one on PATH or in the
+    cuda backend's toolkit; RuntimeError naming where it looked if none is found."""
     candidates = []
     try:
         import triton  # noqa: PLC0415  (optional)
@@ -54,13 +54,16 @@ def cuobjdump_path() -> str:
     on_path = shutil.which("cuobjdump")
     if on_path:
         candidates.append(Path(on_path))
-    if os.environ.get("CUDA_HOME"):
-        candidates.append(Path(os.environ["CUDA_HOME"]) / "bin" / "cuobjdump")
+    from .cuda.build import cuda_home  # noqa: PLC0415  (the toolkit the cuda backend builds with)
+
+    toolkit = cuda_home()
+    if toolkit:
+        candidates.append(Path(toolkit) / "bin" / "cuobjdump")
     for path in candidates:
         if path.is_file() and os.access(path, os.X_OK):
             return str(path)
     raise RuntimeError("cuobjdump not found: not in triton's NVIDIA backend, on PATH or in "
-                       "$CUDA_HOME/bin (pip install triton ships one)")
+                       "the CUDA toolkit's bin (pip install triton ships one)")
 
 
 def _cuobjdump(binary: bytes, flag: str) -> str:

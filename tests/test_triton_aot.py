@@ -37,9 +37,7 @@ HALF = ("fp16", "bf16")
 def _launchers():
     """Kernel name -> its launcher (interpreted in this session, but with the same autotuning
     configurations a compiled one has)."""
-    return {launch.kernel.fn.__name__: launch for module in aot.kernel_modules()
-            for launch in vars(module).values()
-            if callable(launch) and hasattr(launch, "configs")}
+    return {launch.kernel.fn.__name__: launch for _, _, launch in aot.launchers()}
 
 
 def _run(tmp_path, name, *args):

@@ -39,6 +39,7 @@ _POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32
                   torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32",
                   torch.int8: "*i8", torch.uint8: "*u8", torch.bool: "*i1"}
 
+
 @dataclass
 class Launch:
     """One kernel launch a wrapper asked for, as :func:`capture` recorded it."""
@@ -69,7 +70,6 @@ class CompiledLaunch:
     shared_bytes: int
     binary: bytes = field(repr=False)
     """The cubin."""
-    ptx: str = field(repr=False)
 
     @property
     def config_text(self) -> str:
@@ -108,6 +108,14 @@ def kernel_modules() -> list:
     return [importlib.import_module(f"{__package__}.{name}") for name in KERNEL_MODULES]
 
 
+def launchers() -> list[tuple[Any, str, Callable]]:
+    """``(module, attribute, launcher)`` of every :func:`._launch.launcher` in the kernel
+    modules (importing them)."""
+    return [(module, attr, launch) for module in kernel_modules()
+            for attr, launch in vars(module).items()
+            if callable(launch) and hasattr(launch, "kernel") and hasattr(launch, "configs")]
+
+
 @contextlib.contextmanager
 def capture() -> Iterator[list[Launch]]:
     """Within the block, Triton wrappers record their launches instead of running them.
@@ -116,18 +124,13 @@ def capture() -> Iterator[list[Launch]]:
     buffers: only what they launch matters.
     """
     launches: list[Launch] = []
-    replaced = []
-    for module in kernel_modules():
-        for attr, launch in list(vars(module).items()):
-            if not (callable(launch) and hasattr(launch, "kernel") and hasattr(launch, "configs")):
-                continue
-            if is_interpreted(launch.kernel):
-                raise RuntimeError(
-                    "the Triton kernels were imported under TRITON_INTERPRET=1: there is nothing "
-                    "to compile ahead of time (import them with TRITON_INTERPRET=0, e.g. in a "
-                    "fresh process)")
-            replaced.append((module, attr, launch))
-            setattr(module, attr, _recorder(launch, launches))
+    replaced = launchers()
+    if any(is_interpreted(launch.kernel) for _, _, launch in replaced):
+        raise RuntimeError(
+            "the Triton kernels were imported under TRITON_INTERPRET=1: there is nothing to "
+            "compile ahead of time (import them with TRITON_INTERPRET=0, e.g. in a fresh process)")
+    for module, attr, launch in replaced:
+        setattr(module, attr, _recorder(launch, launches))
     try:
         yield launches
     finally:
@@ -185,7 +188,7 @@ def compile_launch(launch: Launch, config, arch: int = 90) -> CompiledLaunch:
                               options=dict(num_warps=config.num_warps,
                                            num_stages=config.num_stages))
     return CompiledLaunch(launch, config, arch, int(compiled.metadata.shared),
-                          compiled.asm["cubin"], compiled.asm["ptx"])
+                          compiled.asm["cubin"])
 
 
 # --- the launches the ops can make -------------------------------------------------------------
