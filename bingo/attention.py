@@ -208,7 +208,8 @@ class _LinearHeads:
         if widths != {inner}:
             raise InputMismatchError(
                 f"{what}: q/k/v widths {sorted(widths)} differ from the o-projection's input "
-                f"width {inner} (grouped-query attention is not supported as head units)")
+                f"width {inner}: declare_heads describes blocks whose q, k and v have the same "
+                "width; grouped-query attention is found by tracing (leave it undeclared)")
         if inner % heads:
             raise InputMismatchError(
                 f"{what}: num_heads={heads} does not divide the projection width {inner}")

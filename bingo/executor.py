@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -49,16 +49,19 @@ import torch.nn.functional as F
 
 import bingo_kernels as bk
 
-from .attention import mha_forward, param_head_masks
+from .attention import mha_forward
 from .errors import BingoError, InputMismatchError, InvalidOptionError, require_option
+from .structure import discover
+from .structure.trace import canonical_names
 from .units import UnitGroup, UnitLayout
 
 PATHS = ("auto", "fast", "vmap")
 FUSED_HEAD_CHOICES = ("auto", True, False)
 
 
-class _FastPathUnsupported(Exception):
-    """The model cannot take the fast path (internal: triggers the vmap fallback)."""
+class _FastPathUnsupported(InputMismatchError):
+    """The model cannot take the fast path (with ``path="auto"``: the vmap fallback is used;
+    a bingo error, so that nothing internal ever reaches the user raw)."""
 
 
 @dataclass
@@ -93,10 +96,39 @@ class Design:
         return bk.SubsetMasks(self.seed, self.search, k_start, num, group.offset,
                               self.probs[group.param_name], layout.mask_granularity)
 
-    def head_masks(self, layout: UnitLayout, group: UnitGroup, k_start: int, num: int) -> Tensor:
-        """Bool ``(num, num_heads)`` masks of a head group (True = reset); heads are few."""
-        return self.masks(layout, group, k_start, num).materialize(
-            group.num_units, group.module.weight.device)
+    def unit_masks(self, layout: UnitLayout, group: UnitGroup, k_start: int, num: int) -> Tensor:
+        """Bool ``(num, units)`` masks of a neuron or structured group (True = reset)."""
+        return self.masks(layout, group, k_start, num).materialize(group.num_units,
+                                                                   group.device)
+
+
+@dataclass
+class ExplicitDesign:
+    """What one evaluation resets: explicit unit masks, the same for every call (targeted
+    elimination: variant j removes candidate j on top of what the model already lacks)."""
+
+    unit_reset: dict[str, Tensor]
+    """Score key -> bool ``(K, units)``: True where variant k resets the unit. Groups of the
+    layout missing here reset nothing."""
+
+    @property
+    def num_subsets(self) -> int:
+        """K."""
+        return int(next(iter(self.unit_reset.values())).shape[0])
+
+    def unit_masks(self, layout: UnitLayout, group: UnitGroup, k_start: int, num: int) -> Tensor:
+        """Bool ``(num, units)`` rows ``[k_start, k_start+num)`` of the group's masks."""
+        masks = self.unit_reset.get(group.param_name)
+        if masks is None:
+            return torch.zeros(num, group.num_units, dtype=torch.bool, device=group.device)
+        return masks[k_start:k_start + num].to(group.device)
+
+    def masks(self, layout: UnitLayout, group: UnitGroup, k_start: int, num: int) -> Tensor:
+        """As :meth:`unit_masks` (explicit masks are what the kernels take, too)."""
+        if layout.granularity == "weight":
+            raise InvalidOptionError("explicit designs reset neurons or structured units, not "
+                                     "single weights")
+        return self.unit_masks(layout, group, k_start, num)
 
 
 def model_logits(output) -> Tensor:
@@ -148,6 +180,8 @@ class BatchedEvaluator:
         self._lm_head: Optional[tuple[str, nn.Linear]] = None
         self.fused: Optional[bool] = None
         """Whether the fast path fuses the LM head with the loss (None until the first search)."""
+        self._plan: Optional[list[tuple[nn.Module, str, "_ModuleHandler"]]] = None
+        self.canonical = {id(t): name for name, t in canonical_names(model)[0].values()}
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -160,9 +194,12 @@ class BatchedEvaluator:
         return Metrics(loss[0], acc[0])
 
     @torch.no_grad()
-    def subsets(self, inputs: Tensor, targets: Tensor, design: Design,
+    def subsets(self, inputs: Tensor, targets: Tensor, design,
                 init: Optional[dict[str, Tensor]]) -> Metrics:
-        """``(K,)`` loss and accuracy with subset k's units reset to ``init`` (None: zero)."""
+        """``(K,)`` loss and accuracy with subset k's units reset to ``init`` (None: zero).
+
+        ``design``: a :class:`Design` (hashed subsets of a search) or an
+        :class:`ExplicitDesign` (explicit unit masks)."""
         if self.path is None:
             self._choose_path(inputs, targets, design, init)
         elif self.path == "fast" and not self._expansion_known:
@@ -202,25 +239,40 @@ class BatchedEvaluator:
 
     # -- path choice ----------------------------------------------------------------------------
 
+    def _probe_values(self, init) -> dict[str, Tensor]:
+        """Reset values for the path check that differ from the weights: with the real initial
+        values a check run early in training (reset values still equal to the weights) could not
+        see a layer the fast path fails to reset."""
+        generator = torch.Generator().manual_seed(0)
+        out = {}
+        for g in self.layout.groups:
+            for name, t in g.tensors().items():
+                noise = torch.randn(t.shape, generator=generator, dtype=torch.float32)
+                out[name] = (noise.to(t.device, t.dtype) * t.detach().float().std().clamp_min(
+                    1e-3).to(t.dtype)) + t.detach()
+        return out
+
     def _choose_path(self, inputs, targets, design, init) -> None:
         probe = min(2, design.num_subsets)
+        probe_init = self._probe_values(init)
+        static = self._static_problem(inputs)
         try:
-            reference = self._vmap_chunk(inputs, design, init, 0, probe)
+            reference = self._vmap_chunk(inputs, design, probe_init, 0, probe)
         except Exception as exc:  # noqa: BLE001  (any failure means: this path is unusable)
             reference, vmap_error = None, exc
+        fast, fast_error = None, static
         # Shared inputs first (the first layer computes once for all subsets); then the inputs
         # repeated per subset, for models whose blocks read the batch size from their input or
         # add a residual of it (a transformer whose first block is searched).
-        for expand in (False, True):
+        for expand in ((False, True) if static is None else ()):
             self.expand_inputs = expand
             try:
-                fast = self._fast_chunk(inputs, design, init, 0, probe)
-            except Exception as exc:  # noqa: BLE001
+                fast = self._fast_chunk(inputs, design, probe_init, 0, probe)
+            except Exception as exc:  # noqa: BLE001  (a layout or module the fast path fails on)
                 fast, fast_error = None, exc
-            if fast is None or reference is None:
-                if fast is not None:
-                    break
                 continue
+            if reference is None:
+                break
             tol = 1e-4 if fast.dtype in (torch.float32, torch.float64) else 2e-2
             scale = reference.nan_to_num(0.0, 0.0, 0.0).abs().max().clamp_min(1.0)
             if torch.allclose(fast, reference, rtol=tol, atol=tol * float(scale), equal_nan=True):
@@ -244,6 +296,18 @@ class BatchedEvaluator:
                       f"search ({self.path_reason}); it is slower and uses more memory",
                       stacklevel=3)
 
+    def _static_problem(self, inputs) -> Optional[str]:
+        """Why the fast path cannot work, from the model's structure trace (a layer whose weight
+        another module's forward uses, an unpatchable module holding reset parameters), or
+        None. A trace that fails leaves the decision to the comparison with vmap."""
+        try:
+            self._patch_plan(inputs)
+        except _FastPathUnsupported as exc:
+            return str(exc)
+        except BingoError:
+            return None
+        return None
+
     def _choose_expansion(self, inputs, design, init) -> None:
         """With ``path="fast"`` requested: shared inputs, unless the model cannot run on them (a
         transformer block adding a residual of its input), then inputs repeated per subset.
@@ -255,6 +319,9 @@ class BatchedEvaluator:
             self.expand_inputs = expand
             try:
                 self._fast_chunk(inputs, design, init, 0, probe)
+            except _FastPathUnsupported as exc:
+                raise InputMismatchError(f"path='fast' cannot evaluate this model: {exc}") \
+                    from exc
             except BingoError:
                 raise  # bingo's own errors (a backend without this op, bad input) name the cause
             except Exception as exc:  # noqa: BLE001  (a shape failure: try the other layout)
@@ -295,11 +362,6 @@ class BatchedEvaluator:
                 h.remove()
         return max(total[0], inputs.numel() * inputs.element_size())
 
-    def _reset_values(self, group: UnitGroup, init):
-        if init is None:
-            return None, None
-        return init[group.param_name], (init[group.bias_name] if group.bias_name else None)
-
     # -- fused LM head --------------------------------------------------------------------------
 
     def _detect_lm_head(self, inputs: Tensor) -> None:
@@ -339,8 +401,9 @@ class BatchedEvaluator:
             seen["out"] = x.new_empty(()).expand(*x.shape[:-1], head.out_features)
             return seen["out"]
 
-        group = next((g for g in self.layout.groups if g.module is head and g.heads is None), None)
-        with self._patched(batch, design, init, k0, kc, skip=group):
+        group = next((g for g in self.layout.groups if g.module is head and g.structure is None),
+                     None)
+        with self._patched(inputs, batch, design, init, k0, kc, skip=head):
             head.forward = capture
             try:
                 out = model_logits(self.model(self._subset_inputs(inputs, kc)))
@@ -351,13 +414,13 @@ class BatchedEvaluator:
             raise InputMismatchError(
                 f"the fused LM head {name!r} did not produce the model's output on this batch; "
                 "pass fused_head=False")
-        h, shared = self._split_rows(group or _HeadOnly(name), h, batch, kc)
+        h, shared = _split_rows(name, h, batch, kc)
         hin = h.reshape(-1, h.shape[-1]) if shared else h.reshape(kc, -1, h.shape[-1])
         if group is not None:
             masks = design.masks(self.layout, group, k0, kc)
-            w0, b0 = self._reset_values(group, init)
+            w0, b0 = _reset_pair(init, group.param_name, group.bias_name)
         else:  # the head is not searched: an all-keep hashed mask costs no K x V memory
-            masks = bk.SubsetMasks(design.seed, design.search, k0, kc, 0, 0.0, "neuron")
+            masks = bk.SubsetMasks(0, 0, 0, kc, 0, 0.0, "neuron")
             w0 = b0 = None
         return bk.subset_linear_metrics(hin, head.weight, w0, head.bias, b0, masks,
                                         targets.reshape(-1), backend=self.backend)
@@ -370,200 +433,70 @@ class BatchedEvaluator:
 
     def _fast_chunk(self, inputs, design, init, k0, kc) -> Tensor:
         batch = inputs.shape[0]
-        with self._patched(batch, design, init, k0, kc):
+        with self._patched(inputs, batch, design, init, k0, kc):
             logits = model_logits(self.model(self._subset_inputs(inputs, kc)))
         if logits.shape[0] != kc * batch:
             raise _FastPathUnsupported(
                 f"the output has {logits.shape[0]} rows, expected {kc} subsets x {batch}")
         return logits
 
+    def _patch_plan(self, inputs) -> list[tuple[nn.Module, str, "_ModuleHandler"]]:
+        """(module, name, handler) of every module whose forward the fast path replaces: the
+        module whose forward uses each reset parameter (a layer's own, or e.g. an
+        nn.MultiheadAttention that calls its out_proj's weight functionally)."""
+        if self._plan is not None:
+            return self._plan
+        params = {name for g in self.layout.groups for name in g.tensors()}
+        users = _parameter_users(self.model, params, self.layout, inputs)
+        plan, seen = [], set()
+        for param in sorted(params):
+            module_name = users[param]
+            if module_name in seen:
+                continue
+            seen.add(module_name)
+            module = self.model.get_submodule(module_name) if module_name else self.model
+            handler = _handler_for(module)
+            if handler is None:
+                held = sorted(p for p in params if users[p] == module_name)
+                raise _FastPathUnsupported(
+                    f"module {module_name or '<model>'!r} ({type(module).__name__}) uses the reset "
+                    f"parameters {held}, and the fast path has no rule for it")
+            plan.append((module, module_name, handler))
+        self._plan = plan
+        return plan
+
     @contextlib.contextmanager
-    def _patched(self, batch, design, init, k0, kc, skip: Optional[UnitGroup] = None):
+    def _patched(self, inputs, batch, design, init, k0, kc, skip: Optional[nn.Module] = None):
+        block = _ResetBlock(self, design, init, k0, kc)
         patched = []
         try:
-            for group in self.layout.groups:
-                if group is skip:
+            for module, name, handler in self._patch_plan(inputs):
+                if module is skip:
                     continue
-                for module, forward in _FAST_FORWARDS[group.kind](self, group, batch, design,
-                                                                  init, k0, kc):
-                    module.forward = forward
-                    patched.append(module)
+                module.forward = handler(self, module, name, block, batch, kc)
+                patched.append(module)
             yield
         finally:
             for module in patched:
                 del module.forward  # the instance attribute shadowed the class's forward
 
-    def _split_rows(self, group, x, batch, kc) -> tuple[Tensor, bool]:
-        """Whether ``x`` is the shared batch or K*B rows; reject anything else."""
-        lead = x.shape[0]
-        if lead == kc * batch:
-            return x, False
-        if lead == batch:
-            return x, True
-        raise _FastPathUnsupported(
-            f"layer {group.name!r} received {lead} rows; expected {batch} (shared) or "
-            f"{kc}x{batch} (one block per subset)")
-
-    def _masked_linear(self, group, x, weight, w0, bias, b0, masks, batch, kc) -> Tensor:
-        """``masked_reset_linear`` on shared or per-subset rows; returns ``(K*B, ..., out)``."""
-        x, shared = self._split_rows(group, x, batch, kc)
-        rest = x.shape[1:-1]
-        xin = x.reshape(-1, x.shape[-1]) if shared else x.reshape(kc, -1, x.shape[-1])
-        y = bk.masked_reset_linear(xin, weight, w0, bias, b0, masks, backend=self.backend)
-        return y.reshape(kc * batch, *rest, y.shape[-1])
-
-    def _column_reset_linear(self, group, x, weight, w0, bias, column_masks, batch, kc) -> Tensor:
-        """A Linear whose input columns ``column_masks`` (K, in) take ``w0``'s values (None: 0).
-
-        ``x W_k^T = (x * keep) W^T + (x * reset) W0^T`` with ``W_k`` the column blend, so no
-        per-subset weight is built; the bias is shared by all columns and stays trained.
-        """
-        x, shared = self._split_rows(group, x, batch, kc)
-        rest = x.shape[1:-1]
-        xk = x.reshape(1 if shared else kc, -1, x.shape[-1])
-        reset = column_masks[:, None, :].to(x.dtype)
-        y = F.linear(xk * (1 - reset), weight, bias)
-        if w0 is not None:
-            y = y + F.linear(xk * reset, w0)
-        return y.expand(kc, *y.shape[1:]).reshape(kc * batch, *rest, y.shape[-1])
-
-    def _linear_forward(self, group, batch, design, init, k0, kc):
-        module = group.module
-        masks = design.masks(self.layout, group, k0, kc)
-        w0, b0 = self._reset_values(group, init)
-
-        def forward(x: Tensor) -> Tensor:
-            return self._masked_linear(group, x, module.weight, w0, module.bias, b0, masks, batch,
-                                       kc)
-
-        return [(module, forward)]
-
-    def _conv2d_forward(self, group, batch, design, init, k0, kc):
-        module = group.module
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise _FastPathUnsupported(
-                f"conv layer {group.name!r} uses padding {module.padding!r} / "
-                f"{module.padding_mode!r}; the fast path supports numeric zero padding")
-        masks = design.masks(self.layout, group, k0, kc)
-        w0, b0 = self._reset_values(group, init)
-
-        def forward(x: Tensor) -> Tensor:
-            x, shared = self._split_rows(group, x, batch, kc)
-            if x.dim() != 4:
-                raise _FastPathUnsupported(f"conv layer {group.name!r} got {x.dim()}-d input")
-            xin = x if shared else x.reshape(kc, batch, *x.shape[1:])
-            y = bk.masked_reset_conv2d(
-                xin, module.weight, w0, module.bias, b0, masks, stride=module.stride,
-                padding=module.padding, dilation=module.dilation, groups=module.groups,
-                backend=self.backend)
-            return y.reshape(kc * batch, *y.shape[2:])
-
-        return [(module, forward)]
-
-    def _heads_forward(self, group, batch, design, init, k0, kc):
-        heads = design.head_masks(self.layout, group, k0, kc)
-        return _HEAD_FAST_FORWARDS[group.heads.kind](self, group, heads, batch, init, kc)
-
-    def _linear_heads_forward(self, group, heads, batch, init, kc):
-        """Linear-built attention: row resets on q/k/v (or qkv), a column reset on o."""
-        layout = group.heads
-        prefix = f"{layout.name}." if layout.name else ""
-        rows = heads.repeat_interleave(layout.head_dim, dim=1)  # (K, inner)
-        pairs = []
-        for role, child in layout.projections.items():
-            module = layout.module.get_submodule(child)
-            name = prefix + child
-            w0 = None if init is None else init[f"{name}.weight"]
-            if role == "o":
-                pairs.append((module, self._column_forward(group, module, w0, rows, batch, kc)))
-                continue
-            b0 = None if init is None or module.bias is None else init[f"{name}.bias"]
-            masks = rows.repeat(1, 3) if role == "qkv" else rows
-            pairs.append((module, self._row_forward(group, module, w0, b0, masks, batch, kc)))
-        return pairs
-
-    def _row_forward(self, group, module, w0, b0, masks, batch, kc):
-        def forward(x: Tensor) -> Tensor:
-            return self._masked_linear(group, x, module.weight, w0, module.bias, b0, masks, batch,
-                                       kc)
-        return forward
-
-    def _column_forward(self, group, module, w0, column_masks, batch, kc):
-        def forward(x: Tensor) -> Tensor:
-            return self._column_reset_linear(group, x, module.weight, w0, module.bias,
-                                             column_masks, batch, kc)
-        return forward
-
-    def _mha_heads_forward(self, group, heads, batch, init, kc):
-        """nn.MultiheadAttention: the whole forward, with masked projections around it."""
-        layout = group.heads
-        module = layout.module
-        if not module.batch_first:
-            raise _FastPathUnsupported(
-                f"attention {layout.name!r} is not batch_first, so the batch is not dim 0")
-        if module.training and module.dropout > 0:
-            raise _FastPathUnsupported(f"attention {layout.name!r} has dropout in training mode")
-        prefix = f"{layout.name}." if layout.name else ""
-        rows = heads.repeat_interleave(layout.head_dim, dim=1)
-        w0 = None if init is None else init[f"{prefix}in_proj_weight"].chunk(3)
-        b0 = None if init is None or module.in_proj_bias is None \
-            else init[f"{prefix}in_proj_bias"].chunk(3)
-        o0 = None if init is None else init[f"{prefix}out_proj.weight"]
-
-        def project_in(query, key, value):
-            w = module.in_proj_weight.chunk(3)
-            b = module.in_proj_bias.chunk(3) if module.in_proj_bias is not None else (None,) * 3
-            return tuple(self._masked_linear(group, x, w[i], None if w0 is None else w0[i], b[i],
-                                             None if b0 is None else b0[i], rows, batch, kc)
-                         for i, x in enumerate((query, key, value)))
-
-        def project_out(x):
-            return self._column_reset_linear(group, x, module.out_proj.weight, o0,
-                                             module.out_proj.bias, rows, batch, kc)
-
-        def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                    average_attn_weights=True, is_causal=False):
-            if key_padding_mask is not None and key_padding_mask.shape[0] == batch:
-                key_padding_mask = key_padding_mask.repeat(kc, 1)
-            if attn_mask is not None and attn_mask.dim() == 3 and \
-                    attn_mask.shape[0] == batch * module.num_heads:
-                attn_mask = attn_mask.repeat(kc, 1, 1)
-            return mha_forward(module, query, key, value, project_in, project_out,
-                               key_padding_mask=key_padding_mask, need_weights=need_weights,
-                               attn_mask=attn_mask, average_attn_weights=average_attn_weights,
-                               is_causal=is_causal)
-
-        return [(module, forward)]
-
     # -- vmap fallback --------------------------------------------------------------------------
 
     def _vmap_chunk(self, inputs, design, init, k0, kc) -> Tensor:
+        block = _ResetBlock(self, design, init, k0, kc)
         blended: dict[str, Tensor] = {}
-        for group in self.layout.groups:
-            if group.heads is not None:
-                masks = param_head_masks(group.heads, design.head_masks(self.layout, group, k0, kc))
-                for name, live in group.tensors().items():
-                    reset = _zero_like_scalar(live) if init is None else init[name]
-                    blended[name] = torch.where(masks[name], reset, live)
-                continue
-            weight, bias = group.module.weight, group.module.bias
-            w0, b0 = self._reset_values(group, init)
-            w0 = _zero_like_scalar(weight) if w0 is None else w0
-            masks = design.masks(self.layout, group, k0, kc).materialize(
-                group.num_units, weight.device)
-            if self.layout.granularity != "weight":
-                m = masks.view(kc, -1, *([1] * (weight.dim() - 1)))
-                blended[group.param_name] = torch.where(m, w0, weight)
-                if bias is not None:
-                    b0 = _zero_like_scalar(bias) if b0 is None else b0
-                    blended[group.bias_name] = torch.where(masks, b0, bias)
-            else:
-                blended[group.param_name] = torch.where(masks.view(kc, *weight.shape), w0, weight)
+        for name, (live, reset) in block.param_resets().items():
+            value = _zero_like_scalar(live) if reset is None else reset
+            blended[name] = torch.where(block.element_masks[name], value, live)
 
         def one(params):
             return model_logits(torch.func.functional_call(self.model, params, (inputs,)))
 
-        out = torch.func.vmap(one, randomness="different")(blended)
+        with warnings.catch_warnings():
+            # Fused kernels without a batching rule (nn.MultiheadAttention's) run per subset:
+            # slower, which the path choice already reports, but correct.
+            warnings.filterwarnings("ignore", message=".*batching rule.*")
+            out = torch.func.vmap(one, randomness="different")(blended)
         return out.reshape(kc * inputs.shape[0], *out.shape[2:])
 
 
@@ -571,22 +504,355 @@ def _zero_like_scalar(t: Tensor) -> Tensor:
     return torch.zeros((), dtype=t.dtype, device=t.device)
 
 
-@dataclass
-class _HeadOnly:
-    """Names an unsearched LM head in row-count errors (they expect a group with a name)."""
+def _reset_pair(init, weight: str, bias: Optional[str]) -> tuple[Optional[Tensor],
+                                                                 Optional[Tensor]]:
+    if init is None:
+        return None, None
+    return init[weight], (init[bias] if bias is not None else None)
 
-    name: str
+
+def _split_rows(name: str, x: Tensor, batch: int, kc: int) -> tuple[Tensor, bool]:
+    """Whether ``x`` is the shared batch or K*B rows; reject anything else."""
+    lead = x.shape[0]
+    if lead == kc * batch:
+        return x, False
+    if lead == batch:
+        return x, True
+    raise _FastPathUnsupported(
+        f"module {name!r} received {lead} rows; expected {batch} (shared) or {kc}x{batch} (one "
+        "block per subset)")
 
 
-_FAST_FORWARDS = {
-    "linear": BatchedEvaluator._linear_forward,
-    "conv2d": BatchedEvaluator._conv2d_forward,
-    "heads": BatchedEvaluator._heads_forward,
+def _parameter_users(model: nn.Module, params: set[str], layout: UnitLayout, inputs
+                     ) -> dict[str, str]:
+    """Reset parameter -> the module whose forward uses it: the module that made the
+    contraction (a layer's own forward, or e.g. nn.MultiheadAttention using its out_proj's
+    weight functionally), else the module owning it (batch norm's scale). A parameter that two
+    modules use (tied weights) cannot be reset by patching one of them."""
+    users: dict[str, set[str]] = {}
+    try:
+        structure = discover(model, inputs)
+        contractions = structure.contractions
+    except BingoError:
+        contractions = []  # the vmap comparison still guards the fast path
+    for use in contractions:
+        for name in (use.name, use.bias):
+            if name in params:
+                users.setdefault(name, set()).add(use.module)
+    out = {}
+    for name in params:
+        found = users.get(name) or {name.rpartition(".")[0]}
+        if len(found) > 1:
+            raise _FastPathUnsupported(
+                f"parameter {name!r} is used by several modules ({', '.join(sorted(found))}); "
+                "resetting it means patching all of them")
+        out[name] = next(iter(found))
+    return out
+
+
+class _ResetBlock:
+    """What one block of subsets ``[k0, k0+kc)`` resets, parameter by parameter."""
+
+    def __init__(self, evaluator: "BatchedEvaluator", design, init, k0: int, kc: int):
+        self.layout, self.design, self.init, self.k0, self.kc = \
+            evaluator.layout, design, init, k0, kc
+        self.layer_groups = {g.param_name: g for g in self.layout.groups if g.structure is None}
+        self._axis: Optional[dict[tuple[str, int], Tensor]] = None
+        self._elements: Optional[dict[str, Tensor]] = None
+
+    def layer_masks(self, weight: str):
+        """The kernel masks of a per-layer group whose weight is ``weight`` (hashed, or
+        explicit (kc, out)), or None when no per-layer group holds it."""
+        group = self.layer_groups.get(weight)
+        if group is None:
+            return None
+        return self.design.masks(self.layout, group, self.k0, self.kc)
+
+    def reset_value(self, name: Optional[str]) -> Optional[Tensor]:
+        if name is None or self.init is None:
+            return None
+        return self.init.get(name)
+
+    def axis_reset(self, name: Optional[str], axis: int) -> Optional[Tensor]:
+        """Bool (kc, size) of the indices along ``axis`` of parameter ``name`` that each subset
+        resets (None: none)."""
+        if name is None:
+            return None
+        if self._axis is None:
+            self._axis = {}
+            for g in self.layout.groups:
+                if not g.slices:
+                    continue  # weight granularity: the layer's kernel masks say it all
+                units = self.design.unit_masks(self.layout, g, self.k0, self.kc)
+                tensors = g.tensors()
+                for s in g.slices:
+                    if s.param not in tensors:
+                        continue
+                    live = tensors[s.param]
+                    along = self._axis.get((s.param, s.axis))
+                    if along is None:
+                        along = torch.zeros(self.kc, live.shape[s.axis], dtype=torch.bool,
+                                            device=live.device)
+                        self._axis[(s.param, s.axis)] = along
+                    along[:, s.positions.to(live.device)] |= units[:, s.unit_of.to(
+                        units.device)].to(live.device)
+        return self._axis.get((name, axis))
+
+    @property
+    def element_masks(self) -> dict[str, Tensor]:
+        """Parameter -> bool (kc, *shape): the elements each subset resets (vmap path)."""
+        if self._elements is None:
+            out: dict[str, Tensor] = {}
+            for g in self.layout.groups:
+                if self.layout.granularity == "weight":
+                    live = g.module.weight
+                    masks = self.design.masks(self.layout, g, self.k0, self.kc).materialize(
+                        g.num_units, live.device)
+                    parts = {g.param_name: masks.view(self.kc, *live.shape)}
+                else:
+                    units = self.design.unit_masks(self.layout, g, self.k0, self.kc)
+                    parts = g.param_unit_masks(units)
+                for name, m in parts.items():
+                    out[name] = m if name not in out else out[name] | m
+            self._elements = out
+        return self._elements
+
+    def param_resets(self) -> dict[str, tuple[Tensor, Optional[Tensor]]]:
+        """Parameter -> (live tensor, reset value or None for zero) of every reset parameter."""
+        lives = {name: t for g in self.layout.groups for name, t in g.tensors().items()}
+        return {name: (lives[name], self.reset_value(name)) for name in self.element_masks}
+
+
+# -- module handlers ----------------------------------------------------------------------------
+
+def _linear_variants(ev: "BatchedEvaluator", name: str, x: Tensor, weight: Tensor,
+                     w0: Optional[Tensor], bias: Optional[Tensor], b0: Optional[Tensor],
+                     rows: Optional[Tensor], cols: Optional[Tensor],
+                     bias_rows: Optional[Tensor], batch: int, kc: int,
+                     layer_masks=None) -> Tensor:
+    """``(K*B, ..., out)``: a Linear evaluated for K subsets, each resetting (to ``w0``/``b0``,
+    None: zero) the output rows ``rows``, the input columns ``cols`` (K, in) and the bias
+    entries ``bias_rows``. An entry is reset when its row or its column is.
+
+    ``x W_k^T = (x * keep) where(rows, W0, W)^T + (x * cols) W0^T``: rows take the masked-reset
+    kernel, columns a split of the input, so no per-subset weight is ever built.
+    """
+    x, shared = _split_rows(name, x, batch, kc)
+    rest = x.shape[1:-1]
+    width = x.shape[-1]
+    if layer_masks is not None:  # one layer's neurons or weights: the kernel does everything
+        xin = x.reshape(-1, width) if shared else x.reshape(kc, -1, width)
+        y = bk.masked_reset_linear(xin, weight, w0, bias, b0, layer_masks, backend=ev.backend)
+        return y.reshape(kc * batch, *rest, y.shape[-1])
+    xk = x.reshape(1 if shared else kc, -1, width)
+    x_keep = xk if cols is None else xk * (~cols).to(x.dtype)[:, None, :]
+    if rows is not None:
+        y = bk.masked_reset_linear(x_keep if x_keep.shape[0] == kc else x_keep[0], weight, w0,
+                                   None, None, rows, backend=ev.backend)
+    else:
+        y = F.linear(x_keep, weight)
+    if cols is not None and w0 is not None:
+        y = y + F.linear(xk * cols.to(x.dtype)[:, None, :], w0)
+    if bias is not None:
+        if bias_rows is None:
+            y = y + bias
+        else:
+            reset = b0 if b0 is not None else _zero_like_scalar(bias)
+            y = y + torch.where(bias_rows, reset, bias)[:, None, :]
+    y = y.expand(kc, *y.shape[1:])
+    return y.reshape(kc * batch, *rest, y.shape[-1])
+
+
+def _names(ev: "BatchedEvaluator", module: nn.Module, *attrs: str) -> list[Optional[str]]:
+    out = []
+    for attr in attrs:
+        t = getattr(module, attr, None)
+        out.append(ev.canonical.get(id(t)) if isinstance(t, Tensor) else None)
+    return out
+
+
+def _linear_handler(ev, module, name, block, batch, kc):
+    wname, bname = _names(ev, module, "weight", "bias")
+    w0, b0 = block.reset_value(wname), block.reset_value(bname)
+    masks = block.layer_masks(wname)
+    rows, cols, bias_rows = (block.axis_reset(wname, 0), block.axis_reset(wname, 1),
+                             block.axis_reset(bname, 0))
+
+    def forward(x: Tensor) -> Tensor:
+        return _linear_variants(ev, name, x, module.weight, w0, module.bias, b0, rows, cols,
+                                bias_rows, batch, kc, masks)
+    return forward
+
+
+def _conv1d_handler(ev, module, name, block, batch, kc):
+    """transformers' Conv1D: ``x @ W + b`` with W stored (in, out): a Linear of W^T."""
+    wname, bname = _names(ev, module, "weight", "bias")
+    w0, b0 = block.reset_value(wname), block.reset_value(bname)
+    masks = block.layer_masks(wname)
+    if masks is not None and block.layout.granularity == "weight":
+        raise _FastPathUnsupported(f"Conv1D layer {name!r}: weight masks are hashed over the "
+                                   "(in, out) layout, which the Linear kernel does not read")
+    rows, cols, bias_rows = (block.axis_reset(wname, 1), block.axis_reset(wname, 0),
+                             block.axis_reset(bname, 0))
+
+    def forward(x: Tensor) -> Tensor:
+        return _linear_variants(ev, name, x, module.weight.t(), None if w0 is None else w0.t(),
+                                module.bias, b0, rows, cols, bias_rows, batch, kc, masks)
+    return forward
+
+
+def _conv2d_handler(ev, module, name, block, batch, kc):
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        raise _FastPathUnsupported(
+            f"conv layer {name!r} uses padding {module.padding!r} / {module.padding_mode!r}; "
+            "the fast path supports numeric zero padding")
+    wname, bname = _names(ev, module, "weight", "bias")
+    w0, b0 = block.reset_value(wname), block.reset_value(bname)
+    masks = block.layer_masks(wname)
+    rows, cols, bias_rows = (block.axis_reset(wname, 0), block.axis_reset(wname, 1),
+                             block.axis_reset(bname, 0))
+    conv = dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
+                groups=module.groups)
+
+    def forward(x: Tensor) -> Tensor:
+        x, shared = _split_rows(name, x, batch, kc)
+        if x.dim() != 4:
+            raise _FastPathUnsupported(f"conv layer {name!r} got {x.dim()}-d input")
+        xk = x.unsqueeze(0) if shared else x.reshape(kc, batch, *x.shape[1:])
+        if masks is not None:
+            y = bk.masked_reset_conv2d(xk[0] if shared else xk, module.weight, w0, module.bias,
+                                       b0, masks, backend=ev.backend, **conv)
+            return y.reshape(kc * batch, *y.shape[2:])
+        x_keep = xk if cols is None else xk * (~cols).to(x.dtype)[:, None, :, None, None]
+        reset_rows = rows if rows is not None else torch.zeros(
+            kc, module.weight.shape[0], dtype=torch.bool, device=x.device)
+        inp = x_keep[0] if x_keep.shape[0] == 1 and kc > 1 else x_keep
+        if inp.dim() == 5 and inp.shape[0] != kc:
+            inp = inp.expand(kc, *inp.shape[1:])
+        y = bk.masked_reset_conv2d(inp, module.weight, w0, None, None, reset_rows,
+                                   backend=ev.backend, **conv)
+        if cols is not None and w0 is not None:
+            part = F.conv2d((xk * cols.to(x.dtype)[:, None, :, None, None]).flatten(0, 1), w0,
+                            None, **conv)
+            y = y + part.reshape(kc, -1, *part.shape[1:])
+        if module.bias is not None:
+            bias = module.bias if bias_rows is None else torch.where(
+                bias_rows, b0 if b0 is not None else _zero_like_scalar(module.bias), module.bias)
+            y = y + (bias.view(1, 1, -1, 1, 1) if bias.dim() == 1 else
+                     bias.view(kc, 1, -1, 1, 1))
+        return y.reshape(kc * batch, *y.shape[2:])
+    return forward
+
+
+def _batch_norm_handler(ev, module, name, block, batch, kc):
+    if module.training or not module.track_running_stats:
+        raise _FastPathUnsupported(f"batch norm {name!r} normalises with batch statistics")
+    wname, bname = _names(ev, module, "weight", "bias")
+    w0, b0 = block.reset_value(wname), block.reset_value(bname)
+    rows, bias_rows = block.axis_reset(wname, 0), block.axis_reset(bname, 0)
+
+    def forward(x: Tensor) -> Tensor:
+        x, shared = _split_rows(name, x, batch, kc)
+        xhat = F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0,
+                            module.eps)
+        channels = x.shape[1]
+        view = (-1 if not shared else 1, channels) + (1,) * (x.dim() - 2)
+        weight, bias = module.weight, module.bias
+        if weight is not None and rows is not None:
+            weight = torch.where(rows, w0 if w0 is not None else _zero_like_scalar(weight),
+                                 weight)
+        if bias is not None and bias_rows is not None:
+            bias = torch.where(bias_rows, b0 if b0 is not None else _zero_like_scalar(bias),
+                               bias)
+        xk = xhat.unsqueeze(0) if shared else xhat.reshape(kc, batch, *x.shape[1:])
+        if weight is not None:
+            xk = xk * weight.reshape(*((kc,) if weight.dim() == 2 else (1,)), 1, channels,
+                                     *(1,) * (x.dim() - 2))
+        if bias is not None:
+            xk = xk + bias.reshape(*((kc,) if bias.dim() == 2 else (1,)), 1, channels,
+                                   *(1,) * (x.dim() - 2))
+        del view
+        return xk.expand(kc, *xk.shape[1:]).reshape(kc * batch, *x.shape[1:])
+    return forward
+
+
+def _mha_handler(ev, module, name, block, batch, kc):
+    """nn.MultiheadAttention: the whole forward, with the projections evaluated per subset."""
+    if not module.batch_first:
+        raise _FastPathUnsupported(
+            f"attention {name!r} is not batch_first, so the batch is not dim 0")
+    if not module._qkv_same_embed_dim:
+        raise _FastPathUnsupported(f"attention {name!r} has separate q/k/v weights")
+    if module.training and module.dropout > 0:
+        raise _FastPathUnsupported(f"attention {name!r} has dropout in training mode")
+    wname, bname = _names(ev, module, "in_proj_weight", "in_proj_bias")
+    oname, obname = _names(ev, module.out_proj, "weight", "bias")
+    if block.layout.granularity == "weight" and block.layer_masks(oname) is not None:
+        raise _FastPathUnsupported(
+            f"attention {name!r} uses its out_proj weight functionally; single weights of it "
+            "are reset on the vmap path")
+    w0, b0 = block.reset_value(wname), block.reset_value(bname)
+    o0, ob0 = block.reset_value(oname), block.reset_value(obname)
+    rows, cols, bias_rows = (block.axis_reset(wname, 0), block.axis_reset(wname, 1),
+                             block.axis_reset(bname, 0))
+    o_rows, o_cols, o_bias = (block.axis_reset(oname, 0), block.axis_reset(oname, 1),
+                              block.axis_reset(obname, 0))
+    inner = module.out_proj.in_features
+
+    def part(t: Optional[Tensor], i: int, axis_dim: int = 0) -> Optional[Tensor]:
+        return None if t is None else t.narrow(axis_dim, i * inner, inner)
+
+    def project_in(query, key, value):
+        w, b = module.in_proj_weight, module.in_proj_bias
+        return tuple(_linear_variants(ev, name, x, part(w, i), part(w0, i), part(b, i),
+                                      part(b0, i), part(rows, i, 1), cols,
+                                      part(bias_rows, i, 1), batch, kc)
+                     for i, x in enumerate((query, key, value)))
+
+    def project_out(x):
+        return _linear_variants(ev, name, x, module.out_proj.weight, o0, module.out_proj.bias,
+                                ob0, o_rows, o_cols, o_bias, batch, kc)
+
+    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if key_padding_mask is not None and key_padding_mask.shape[0] == batch:
+            key_padding_mask = key_padding_mask.repeat(kc, 1)
+        if attn_mask is not None and attn_mask.dim() == 3 and \
+                attn_mask.shape[0] == batch * module.num_heads:
+            attn_mask = attn_mask.repeat(kc, 1, 1)
+        if query.shape[0] == batch and kc > 1:
+            # Attention mixes positions, not rows, so the shared batch can be expanded here.
+            query, key, value = (t.repeat(kc, *([1] * (t.dim() - 1)))
+                                 for t in (query, key, value))
+        return mha_forward(module, query, key, value, project_in, project_out,
+                           key_padding_mask=key_padding_mask, need_weights=need_weights,
+                           attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                           is_causal=is_causal)
+    return forward
+
+
+_ModuleHandler = Callable[..., Callable]
+
+MODULE_HANDLERS: dict[str, _ModuleHandler] = {
+    "Linear": _linear_handler,
+    "NonDynamicallyQuantizableLinear": _linear_handler,
+    "Conv1D": _conv1d_handler,
+    "Conv2d": _conv2d_handler,
+    "BatchNorm1d": _batch_norm_handler,
+    "BatchNorm2d": _batch_norm_handler,
+    "MultiheadAttention": _mha_handler,
 }
-"""UnitGroup.kind -> factory of ``[(module, patched forward)]`` for one block of subsets."""
+"""Module class name -> factory of its fast-path forward for one block of subsets:
+``(evaluator, module, name, reset block, batch, kc) -> forward``. A subclass of a listed class
+counts as that class only when it keeps the class's forward."""
 
-_HEAD_FAST_FORWARDS = {
-    "linear": BatchedEvaluator._linear_heads_forward,
-    "mha": BatchedEvaluator._mha_heads_forward,
-}
-"""HeadLayout.kind -> the head group's patched forwards, given ``(K, H)`` head masks."""
+
+def _handler_for(module: nn.Module) -> Optional[_ModuleHandler]:
+    for cls in type(module).__mro__:
+        if cls.__name__ in MODULE_HANDLERS:
+            # A subclass that overrides forward computes something else.
+            if type(module).forward is not cls.forward:
+                return None
+            return MODULE_HANDLERS[cls.__name__]
+    return None
+

@@ -40,15 +40,12 @@ from bingo.errors import (
 )
 from bingo.attention import HeadLayout, head_layout, param_head_masks, shrink_heads
 from bingo.reconstruct import LeastSquaresReconstruction as Reconstruction
-from bingo.units import HEADS_KEY, LAYER_KINDS, linear_names, mlp_problem
+from bingo.units import HEADS_KEY, layer_kind, linear_names, mlp_problem
 
 __all__ = ["PruneResult", "StructuredResult", "prune", "shrink_mlp", "shrink_structured"]
 
 EvalFn = Callable[[nn.Module], float]
 
-# Module types whose weights carry scores (subclasses too, as in find_units). Both keep output
-# units on dim 0 of the weight.
-PRUNABLE_MODULES: tuple[type[nn.Module], ...] = tuple(LAYER_KINDS)
 
 STRUCTURED_CHOICES = ("auto", True, False)
 
@@ -217,10 +214,9 @@ def _check_key(key: str, model: nn.Module, params: Mapping[str, Tensor]) -> tupl
             f"(parameters: {', '.join(list(params)[:8])}{', ...' if len(params) > 8 else ''})"
         )
     module_name, module = _module_of(model, key)
-    if key.rpartition(".")[2] != "weight" or not isinstance(module, PRUNABLE_MODULES):
-        kinds = " or ".join(f"nn.{t.__name__}" for t in PRUNABLE_MODULES)
+    if key.rpartition(".")[2] != "weight" or layer_kind(module) is None:
         raise InputMismatchError(
-            f"score key '{key}' is not the weight of an {kinds} "
+            f"score key '{key}' is not the weight of an nn.Linear, nn.Conv2d or Conv1D layer "
             f"(it belongs to {type(module).__name__})"
         )
     return module_name, params[key]

@@ -49,7 +49,8 @@ class SearchConfig:
     """Hyper-parameters of a ticket search. Every field changes which scores come out."""
 
     granularity: str = "weight"
-    """Unit: ``"weight"`` (each weight element) or ``"neuron"`` (output row/channel with bias)."""
+    """Unit: ``"weight"`` (each weight element), ``"neuron"`` (output row/channel with bias) or
+    ``"structured"`` (the unit groups of :mod:`bingo.structure`: heads, MLP neurons, channels)."""
     subsets: int = 64
     """K, the number of random subsets evaluated per search."""
     fraction: Union[float, Mapping[str, Tensor]] = 0.05
@@ -142,6 +143,9 @@ class TicketSearch:
         sync_batch: with several ranks, ``"check"`` (default: every rank must pass the same batch;
             a cheap checksum verifies it) or ``"broadcast"`` (rank 0's batch is sent to all).
         timeout: seconds a rank waits in a search's collectives before raising DistributedError.
+        example_inputs: ``granularity="structured"`` only: one batch to trace the model's
+            structure with (:func:`bingo.structure.discover`); built from a transformers
+            model's config, or an MLP's first layer, when None.
         Other keyword arguments: the fields of :class:`SearchConfig`.
 
     Attributes:
@@ -158,7 +162,7 @@ class TicketSearch:
                  rewind_step: Optional[int] = None, include=None, exclude=None,
                  search_data: Optional[Iterable] = None, path: str = "auto",
                  memory_budget: int = 512 * 2**20, distributed="auto",
-                 sync_batch: str = "check", timeout: float = 600.0):
+                 sync_batch: str = "check", timeout: float = 600.0, example_inputs=None):
         if not isinstance(model, nn.Module):
             raise InvalidOptionError(f"model must be an nn.Module, got {type(model).__name__}")
         include = [include] if isinstance(include, str) else include
@@ -175,8 +179,9 @@ class TicketSearch:
         self.distributed, self.sync_batch, self.timeout = distributed, sync_batch, float(timeout)
         self.estimator = make_estimator(score, metric, literal)
         self.model = model
-        self.layout: UnitLayout = find_units(model, granularity, include, exclude)
-        self._device = self.layout.groups[0].module.weight.device
+        self.layout: UnitLayout = find_units(model, granularity, include, exclude,
+                                             example_inputs=example_inputs)
+        self._device = self.layout.groups[0].device
         # Fails early, naming the reason, when an explicit backend cannot run here.
         bk.resolve_backend(backend, self._device)
         self.probs = self._inclusion_probabilities(fraction)
@@ -297,7 +302,7 @@ class TicketSearch:
             raise InputMismatchError(
                 f"inputs are on {inputs.device} and targets on {targets.device}, but the model is "
                 f"on {self._device}")
-        dtype = self.layout.groups[0].module.weight.dtype
+        dtype = self.layout.groups[0].dtype
         if inputs.is_floating_point() and inputs.dtype != dtype:
             raise InputMismatchError(f"inputs have dtype {inputs.dtype} but the model has {dtype}")
         if targets.is_floating_point() or targets.is_complex():

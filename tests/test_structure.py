@@ -198,6 +198,24 @@ def test_unknown_op_blocks_what_it_touches_and_is_named():
     assert "b.weight" in structure.keys()         # b's are untouched by the odd op
 
 
+def test_fixed_width_data_pins_the_channels_it_meets():
+    class AddsInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 6)
+            self.b = nn.Linear(6, 6)
+            self.c = nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = x + self.a(x)              # the input's width cannot shrink with a's channels
+            return self.c(torch.relu(self.b(h)))
+
+    structure = discover(AddsInput().eval(), torch.randn(2, 6))
+    assert "a.weight" not in structure.keys()
+    assert "fixed width" in structure.blocked["a.weight"]
+    assert "b.weight" in structure.keys()
+
+
 def test_shrink_refuses_a_model_it_cannot_shrink_exactly():
     class HardCoded(nn.Module):
         def __init__(self):
@@ -207,11 +225,11 @@ def test_shrink_refuses_a_model_it_cannot_shrink_exactly():
 
         def forward(self, x):
             h = torch.relu(self.a(x))
-            return self.c(h + torch.ones(6))   # a width the shrink cannot know about
+            h = h.reshape(-1, 2, 3).flip(1).reshape(-1, 6)   # sizes the trace cannot see
+            return self.c(h)
 
     model = HardCoded().eval()
     x = torch.randn(2, 4)
-    structure = discover(model, x)
     keep = torch.ones(6, dtype=torch.bool)
     keep[0] = False
     with pytest.raises(InputMismatchError, match="does not run|differ"):

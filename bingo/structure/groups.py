@@ -145,6 +145,7 @@ def build_groups(result: TraceResult, extra_edges: Optional[list[np.ndarray]] = 
         owner[pa.first:pa.first + pa.size] = i
     blocked_comp = set(np.unique(comp[result.output_ids]).tolist()) if \
         len(result.output_ids) else set()
+    pinned_comp = _split_rows(comp, result.pinned)
     units: dict[int, _Unit] = {}
     for i, pa in enumerate(axes):
         ids = np.arange(pa.first, pa.first + pa.size)
@@ -159,17 +160,20 @@ def build_groups(result: TraceResult, extra_edges: Optional[list[np.ndarray]] = 
             attention.update(np.unique(comp[result.mixed_by[kind]]).tolist())
     by_signature: dict[tuple, list[tuple[int, _Unit]]] = defaultdict(list)
     blocked: dict[str, str] = {}
+    producers_of = _producers(result.contractions)
     for c, unit in units.items():
         whole = [k for k, idx in unit.members.items() if len(idx) == sizes[k]]
-        if c in blocked_comp or whole:
+        if c in blocked_comp or c in pinned_comp or whole:
             why = ("it reaches the model's output" if c in blocked_comp else
+                   "it meets data of a fixed width (a model input or a tensor built in "
+                   "forward) in an elementwise op" if c in pinned_comp else
                    f"it spans all of {whole[0][0]} (axis {whole[0][1]})")
-            name = sorted(unit.members)[0][0]
+            producing = [producers_of[k][1] for k in sorted(unit.members) if k in producers_of]
+            name = producing[0] if producing else sorted(unit.members)[0][0]
             blocked.setdefault(name, why)
             continue
         signature = tuple(sorted((k, len(v)) for k, v in unit.members.items()))
         by_signature[signature].append((c, unit))
-    producers_of = _producers(result.contractions)
     order = {name: i for i, name in enumerate(result.module_order)}
     groups = []
     for signature, members in by_signature.items():
@@ -206,6 +210,18 @@ def build_groups(result: TraceResult, extra_edges: Optional[list[np.ndarray]] = 
     groups.sort(key=lambda g: min(order.get(m, 1 << 30) for m in g.producers or [g.module]))
     _unique_keys(groups)
     return groups, blocked
+
+
+def _split_rows(comp: np.ndarray, pinned: list[np.ndarray]) -> set[int]:
+    """Components that own part, not all, of a pinned row (see ``TraceResult.pinned``)."""
+    out: set[int] = set()
+    for rows in pinned:
+        labelled = rows >= 0
+        c = np.where(labelled, comp[np.where(labelled, rows, 0)], -1)
+        top = np.where(labelled, c, -1).max(1, keepdims=True)
+        split = ((c != top) & labelled).any(1)
+        out.update(np.unique(c[split][labelled[split]]).tolist())
+    return out
 
 
 def _producers(uses: list[ContractionUse]) -> dict[tuple[str, int], tuple[str, str]]:

@@ -110,6 +110,9 @@ class TraceResult:
     param_names: dict[str, list[str]] = field(default_factory=dict)
     """Canonical parameter name -> every name it has in the model (tied weights, shared
     modules: the first is canonical)."""
+    pinned: list[np.ndarray] = field(default_factory=list)
+    """Rows of ids (one row per position, -1 = none) laid along a dim that fixed-width data
+    also spans: a unit must take each row whole or not at all."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,6 +232,7 @@ class _Labels:
         self.edges: list[np.ndarray] = []
         self.next_id = 0
         self.mixed: dict[str, list[np.ndarray]] = {}
+        self.pinned: list[np.ndarray] = []
 
     def get(self, t: Tensor) -> Tensor:
         entry = self.by_id.get(id(t))
@@ -591,6 +595,8 @@ class _Tracer(TorchDispatchMode):
                 result = _lift(torch.where)(result >= 0, result, labels)
         if result is None:
             result = _none_like(out)
+        else:
+            self._pin_fixed_width(tensors, result, shape, keep)
         for t in tensors:
             if self.param_of(t) is not None and t is not keep:
                 self.couple_param(t, result, shape)
@@ -599,6 +605,29 @@ class _Tracer(TorchDispatchMode):
                 if bool(_lift(lambda: (labels >= 0).any())()):
                     self.labels.couple(result, _broadcast(labels, shape))
         self.labels.set(out, result)
+
+    @_lift
+    def _pin_fixed_width(self, tensors, result: Tensor, shape, keep) -> None:
+        """Data that carries no channel (a model input, a tensor built in forward) combined
+        elementwise with channels along a dim where it has its own extent: removing a channel
+        there would leave that data one element too wide. Record the channels along each such
+        dim; :func:`bingo.structure.groups.build_groups` keeps only units that take such a dim
+        whole (a head's channels against a rotary table), and blocks the rest."""
+        for t in tensors:
+            if self.param_of(t) is not None and t is not keep or t.dim() > len(shape):
+                continue
+            if bool((self.labels.get(t) >= 0).any()):
+                continue
+            offset = len(shape) - t.dim()
+            for d in range(offset, len(shape)):
+                if t.shape[d - offset] == 1:
+                    continue
+                rows = result.movedim(d, -1).reshape(-1, shape[d])
+                labelled = rows >= 0
+                top = torch.where(labelled, rows, NONE).amax(1, keepdim=True)
+                varies = ((rows != top) & labelled).any(1)
+                if bool(varies.any()):
+                    self.labels.pinned.append(rows[varies].unique(dim=0).numpy())
 
     def matmul(self, a: Tensor, b: Tensor, out: Tensor) -> None:
         """``a @ b`` (batched, broadcast). A parameter operand is a consumer (contracted axis)
@@ -919,4 +948,4 @@ def trace(model: nn.Module, example_inputs: Any, forward: Optional[Callable] = N
         axes=tracer.axes, edges=tracer.labels.edges, num_ids=tracer.labels.next_id,
         output_ids=out_ids, mixed_by=mixed, contractions=tracer.contractions,
         unsupported=tracer.unsupported, module_calls=calls, module_order=order,
-        param_names=aliases)
+        param_names=aliases, pinned=tracer.labels.pinned)
