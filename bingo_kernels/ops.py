@@ -17,6 +17,7 @@ from torch import Tensor
 from . import reference
 from .backends import backend_op, resolve_backend
 from .errors import InputMismatchError
+from .hashing import check_units, offset_arg
 from .subsets import SubsetMasks
 
 Masks = Union[SubsetMasks, Tensor]
@@ -154,9 +155,10 @@ def _mask_args(masks: Masks, num_units: int, out_features: int, device: torch.de
                     f"per-unit inclusion probability has {prob.numel()} values but the layer has "
                     f"{num_units} {masks.granularity} units")
             prob = prob.to(device)
+        check_units(masks.unit_offset, num_units)
         return dict(explicit_masks=None, prob=prob, prob_scalar=masks.scalar_prob(),
                     seed=masks.seed, search=masks.search, k_start=masks.k_start,
-                    num_subsets=masks.num_subsets, unit_offset=masks.unit_offset,
+                    num_subsets=masks.num_subsets, unit_offset=offset_arg(masks.unit_offset),
                     granularity=masks.granularity)
     if isinstance(masks, Tensor):
         if masks.dtype != torch.bool or masks.dim() != 2 or masks.shape[1] != out_features:
