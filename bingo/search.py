@@ -33,9 +33,9 @@ import bingo_kernels as bk
 
 from . import distributed as dist_search
 from .errors import (CheckpointError, InputMismatchError, InvalidOptionError, NonFiniteError,
-                     require_option)
+                     require_data, require_option)
 from .estimators import (Significance, UnitStatistics, make_estimator, significance_from)
-from .executor import PATHS, BatchedEvaluator, Design, Metrics
+from .executor import PATHS, BatchedEvaluator, Design, Metrics, model_kept
 from .units import GRANULARITIES, UnitLayout, find_units
 
 STATE_FORMAT = "bingo.TicketSearch"
@@ -176,10 +176,16 @@ class TicketSearch:
         self.estimator = make_estimator(score, metric, literal)
         self.model = model
         self.layout: UnitLayout = find_units(model, granularity, include, exclude)
+        require_data("model tensor", model.state_dict(keep_vars=True).items())
+        self._check_no_shared_parameters()
         self._device = self.layout.groups[0].module.weight.device
         # Fails early, naming the reason, when an explicit backend cannot run here.
         bk.resolve_backend(backend, self._device)
         self.probs = self._inclusion_probabilities(fraction)
+        problem = self.estimator.fraction_problem(max(
+            float(torch.as_tensor(p, dtype=torch.float32).max()) for p in self.probs.values()))
+        if problem is not None:
+            raise InvalidOptionError(problem)
         self.evaluator = BatchedEvaluator(model, self.layout, backend=backend, path=path,
                                           memory_budget=memory_budget)
         self.search_data = search_data
@@ -198,6 +204,23 @@ class TicketSearch:
             self.init = self._snapshot()
 
     # -- configuration helpers ------------------------------------------------------------------
+
+    def _check_no_shared_parameters(self) -> None:
+        # A module used at several places is one group (named_modules lists it once) and one
+        # patched forward, so its units are counted once and reset together everywhere. A
+        # parameter shared by two searched layers (tied weights) would be two groups whose
+        # subsets reset it independently, with two scores for one tensor.
+        owners: dict[int, tuple[str, str]] = {}
+        for g in self.layout.groups:
+            for name, t in g.tensors().items():
+                if t is None:
+                    continue
+                layer, first = owners.setdefault(id(t), (g.name, name))
+                if layer != g.name:
+                    raise InputMismatchError(
+                        f"layers {layer!r} and {g.name!r} share one parameter ({first!r} is "
+                        f"{name!r}: tied weights), which ticket search would score twice; leave "
+                        "one of them out with exclude=")
 
     def _inclusion_probabilities(self, fraction) -> dict[str, object]:
         if not isinstance(fraction, Mapping):
@@ -251,8 +274,19 @@ class TicketSearch:
         """Call after ``optimizer.step()``. Runs a search on every ``every``-th call.
 
         Returns the search's record (also appended to ``history``), or None when this call runs
-        no search (not an ``every``-th call, or before the rewind snapshot exists).
+        no search (not an ``every``-th call, or before the rewind snapshot exists). A call that
+        raises leaves the search as it was (counters, snapshot, statistics) and the model too
+        (every module's mode, its parameter and buffer objects); only a batch drawn from
+        ``search_data`` stays drawn.
         """
+        calls, init = self.calls, self.init
+        try:
+            return self._step(inputs, targets)
+        except BaseException:
+            self.calls, self.init = calls, init
+            raise
+
+    def _step(self, inputs, targets) -> Optional[dict]:
         self.calls += 1
         cfg = self.config
         if cfg.reset == "rewind" and self.init is None and self.calls >= cfg.rewind_step:
@@ -271,12 +305,9 @@ class TicketSearch:
             self._check_batch(inputs, targets)
         else:
             inputs, targets = self._search_batch(inputs, targets)
-        was_training = self.model.training
-        self.model.eval()  # searches must be deterministic: no dropout, batch norm frozen
-        try:
+        with model_kept(self.model):
+            self.model.eval()  # searches must be deterministic: no dropout, batch norm frozen
             record = self._search(inputs, targets, comm)
-        finally:
-            self.model.train(was_training)
         record["seconds"] = time.perf_counter() - start
         self.seconds += record["seconds"]
         self.history.append(record)
@@ -307,6 +338,13 @@ class TicketSearch:
             raise InputMismatchError(
                 f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must share the "
                 "batch dimension")
+        # Either would be recorded as a search in which no reset changed anything.
+        if inputs.shape[0] == 0:
+            raise InputMismatchError("the search batch is empty (0 rows): nothing to measure")
+        if not bool((targets != bk.ops.IGNORE_INDEX).any()):
+            raise InputMismatchError(
+                f"every target of the search batch is the ignore index {bk.ops.IGNORE_INDEX} "
+                "(padding): nothing to measure")
 
     def _next_search_batch(self):
         # Re-iterates search_data at the end of each pass rather than replaying stored batches
@@ -319,6 +357,22 @@ class TicketSearch:
             except StopIteration:
                 continue
         raise InputMismatchError("search_data yielded no batch")
+
+    def _check_layers_current(self) -> None:
+        # The layout holds the modules it found at construction: a layer replaced since (a new
+        # head, a shrunk block) would be neither searched nor noticed, while searches went on.
+        for g in self.layout.groups:
+            for name, t in g.tensors().items():
+                owner, _, attr = name.rpartition(".")
+                try:
+                    current = getattr(self.model.get_submodule(owner), attr)
+                except AttributeError:
+                    current = None
+                if current is not t:
+                    raise InputMismatchError(
+                        f"layer {g.name!r} is no longer the model's: {name!r} was replaced or "
+                        "removed after the TicketSearch was built; build a new TicketSearch for "
+                        "the changed model")
 
     def _check_weights(self) -> None:
         for g in self.layout.groups:
@@ -333,6 +387,7 @@ class TicketSearch:
             dist_search.shard(cfg.subsets, comm.rank, comm.world)
         design = ShardDesign(cfg.seed, self.searches, hi - lo, self.probs, k_offset=lo)
         try:
+            self._check_layers_current()
             self._check_weights()
             before = self.evaluator.baseline(inputs, targets)
             init = None if cfg.reset == "zero" else self.init

@@ -22,6 +22,9 @@ from .subsets import SubsetMasks
 
 Masks = Union[SubsetMasks, Tensor]
 
+IGNORE_INDEX = -100
+"""Targets left out of the metrics by default (``F.cross_entropy``'s default: padding tokens)."""
+
 
 # --- custom ops -------------------------------------------------------------------------------
 
@@ -269,7 +272,7 @@ def masked_reset_conv2d(x: Tensor, weight: Tensor, init_weight: Optional[Tensor]
                 pair(padding), pair(dilation), int(groups))
 
 
-def subset_metrics(logits: Tensor, targets: Tensor, *, ignore_index: int = -100,
+def subset_metrics(logits: Tensor, targets: Tensor, *, ignore_index: int = IGNORE_INDEX,
                    backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Per-subset mean cross-entropy and accuracy: ``(K, N, C)`` logits, ``(N,)`` targets.
 
@@ -285,7 +288,7 @@ def subset_metrics(logits: Tensor, targets: Tensor, *, ignore_index: int = -100,
 
 def subset_linear_metrics(h: Tensor, weight: Tensor, init_weight: Optional[Tensor],
                           bias: Optional[Tensor], init_bias: Optional[Tensor], masks: Masks,
-                          targets: Tensor, *, ignore_index: int = -100,
+                          targets: Tensor, *, ignore_index: int = IGNORE_INDEX,
                           chunk: Optional[int] = None,
                           backend: str = "auto") -> tuple[Tensor, Tensor]:
     """A last Linear layer fused with :func:`subset_metrics`: the ``(K, B, C)`` logits never exist.
