@@ -782,7 +782,8 @@ def _count(state: Mapping, key: str) -> int:
 
 # save()'s temporary files: ".bingo-<host>.<pid>.<8 hex>.tmp"; before the host and pid were in the
 # name (bingo <= the version-1 state format): mkstemp's ".bingo-<8 chars>.tmp".
-_TEMP_NAME = re.compile(r"\.bingo-(?:(?P<host>[\w-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}|[a-z0-9_]{8})\.tmp")
+_TEMP_NAME = re.compile(
+    r"\.bingo-(?:(?P<host>[\w-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}|[a-z0-9_]{8})\.tmp")
 
 
 def _temp_owner() -> str:

@@ -11,7 +11,7 @@ from torch import nn
 
 import bingo
 import bingo_kernels as bk
-from bingo import (CheckpointError, InputMismatchError, InvalidOptionError, NoPrunableLayersError,
+from bingo import (InputMismatchError, InvalidOptionError, NoPrunableLayersError,
                    NonFiniteError, TicketSearch)
 from bingo.models import lenet5, lenet_300_100
 
