@@ -219,7 +219,8 @@ def significance_from(stats: UnitStatistics, estimator: Estimator, unit_shapes: 
     spread = hi - lo
     # Units reset by some subset whose estimate is still undefined: they score 1 (keep) like
     # unsampled ones, but their coverage is not 0, so prune's check for those would not see them.
-    undefined = sum(int(((s[:, 0] > 0) & ~defined[key]).sum()) for key, s in stats.per_unit.items())
+    undefined = sum(int(((s[:, 0] > 0) & ~defined[key]).sum())
+                    for key, s in stats.per_unit.items())
     if not valid:
         warnings.warn("bingo: no unit has been sampled yet; every significance is 1 (keep)"
                       if not undefined else
