@@ -292,9 +292,9 @@ class TicketSearch:
 
         Returns the search's record (also appended to ``history``), or None when this call runs
         no search (not an ``every``-th call, or before the rewind snapshot exists). A call that
-        raises leaves the search as it was (counters, snapshot, statistics) and the model too
-        (every module's mode, its parameter and buffer objects); only a batch drawn from
-        ``search_data`` stays drawn.
+        raises leaves the search as it was (counters, snapshot, statistics); only a batch drawn
+        from ``search_data`` stays drawn. Any call leaves the model as it came (every module's
+        mode, parameter and buffer objects, hooks and forward; see executor.ModelStructure).
         """
         calls, init = self.calls, self.init
         try:
