@@ -169,11 +169,13 @@ class Communicator:
 
     # -- the search's collectives ---------------------------------------------------------------
 
-    def broadcast_batch(self, inputs: Tensor, targets: Tensor, search: int
-                        ) -> tuple[Tensor, Tensor]:
-        """Rank 0's search batch on every rank (``sync_batch="broadcast"``)."""
-        header = torch.zeros(2 * (_MAX_DIMS + 2), dtype=torch.int64, device=self.device)
+    def broadcast_batch(self, inputs: Tensor, targets: Tensor, search: int, position: int = 0
+                        ) -> tuple[Tensor, Tensor, int]:
+        """Rank 0's search batch and ``position`` (in its search_data) on every rank
+        (``sync_batch="broadcast"``)."""
+        header = torch.zeros(2 * (_MAX_DIMS + 2) + 1, dtype=torch.int64, device=self.device)
         if self.rank == 0:
+            header[-1] = position
             for i, t in enumerate((inputs, targets)):
                 if t.dim() > _MAX_DIMS or t.dtype not in _DTYPES:
                     raise DistributedError(
@@ -191,7 +193,7 @@ class Communicator:
             buf = t.to(self.device).contiguous() if self.rank == 0 else \
                 torch.empty(shape, dtype=dtype, device=self.device)
             out.append(self.broadcast(buf, "search-batch", search))
-        return out[0], out[1]
+        return out[0], out[1], int(header[-1])
 
     def exchange_headers(self, header: dict, search: int) -> Tensor:
         """Every rank's header ``(W, len(HEADER))``; a fixed size whatever the ranks' configs."""

@@ -6,6 +6,10 @@ so ``bingo.errors`` is the one place a user looks.
 
 from __future__ import annotations
 
+from typing import Iterable
+
+from torch import Tensor
+
 from bingo_kernels.errors import (  # noqa: F401  (re-exported)
     BackendUnavailableError,
     BingoError,
@@ -33,3 +37,13 @@ class CheckpointError(BingoError, RuntimeError):
 
 class DistributedError(BingoError, RuntimeError):
     """A distributed ticket search cannot go on: a rank failed, timed out or disagrees with rank 0."""
+
+
+def require_data(what: str, named_tensors: Iterable[tuple[str, object]]) -> None:
+    """Raise InputMismatchError naming the first meta tensor (a shape without values) of
+    ``named_tensors``: nothing can be searched, pruned or measured on it."""
+    for name, t in named_tensors:
+        if isinstance(t, Tensor) and t.is_meta:
+            raise InputMismatchError(
+                f"{what} {name!r} is on the meta device (a shape without values); materialise "
+                "the model first, e.g. model.to_empty(device=...) and load_state_dict")

@@ -44,6 +44,8 @@ class Estimator:
     """Base class. Subclasses define ``subset_values`` and ``raw``."""
 
     name = "base"
+    defined_when = "a unit's estimate needs a subset that resets it"
+    """When ``raw`` defines a unit's estimate (said in warnings about undefined ones)."""
 
     def __init__(self, metric: str, literal: bool = False):
         self.metric = metric
@@ -60,6 +62,11 @@ class Estimator:
         (a unit never sampled).
         """
         raise NotImplementedError
+
+    def fraction_problem(self, max_fraction: float) -> Optional[str]:
+        """Why inclusion probabilities up to ``max_fraction`` (float32) leave some estimates
+        undefined however long the search runs, or None."""
+        return None
 
 
 class SeedEstimator(Estimator):
@@ -100,6 +107,14 @@ class AttributionEstimator(Estimator):
     """
 
     name = "attribution"
+    defined_when = "a unit's estimate needs subsets that reset it and subsets that do not"
+
+    def fraction_problem(self, max_fraction):
+        if max_fraction >= 1.0:
+            return ("score='attribution' compares the subsets without a unit with those with it, "
+                    "and a fraction of 1.0 puts a unit in every subset, so its score can never be "
+                    "estimated; use fractions below 1")
+        return None
 
     def subset_values(self, before, after):
         return damage(self.metric, before, after)
@@ -202,10 +217,19 @@ def significance_from(stats: UnitStatistics, estimator: Estimator, unit_shapes: 
     else:
         lo = hi = 0.0
     spread = hi - lo
+    # Units reset by some subset whose estimate is still undefined: they score 1 (keep) like
+    # unsampled ones, but their coverage is not 0, so prune's check for those would not see them.
+    undefined = sum(int(((s[:, 0] > 0) & ~defined[key]).sum())
+                    for key, s in stats.per_unit.items())
     if not valid:
-        warnings.warn("bingo: no unit has been sampled yet; every significance is 1 (keep)",
-                      stacklevel=3)
-    elif spread == 0.0:
+        warnings.warn("bingo: no unit has been sampled yet; every significance is 1 (keep)"
+                      if not undefined else
+                      f"bingo: no unit has an estimate yet ({estimator.defined_when}); every "
+                      "significance is 1 (keep)", stacklevel=3)
+    elif undefined:
+        warnings.warn(f"bingo: {undefined} sampled units have no estimate yet "
+                      f"({estimator.defined_when}); their significance is 1 (keep)", stacklevel=3)
+    if valid and spread == 0.0:
         warnings.warn("bingo: the metric never moved differently between subsets, so every sampled "
                       "unit has the same significance; use metric='loss', more subsets or larger "
                       "search batches", stacklevel=3)

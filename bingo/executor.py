@@ -38,6 +38,7 @@ Both paths are chunked over K so that peak memory stays under ``memory_budget`` 
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -208,17 +209,23 @@ class BatchedEvaluator:
             self._detect_lm_head(inputs)
         chunk = self.chunk_size(inputs, design.num_subsets)
         losses, accs = [], []
-        for k0 in range(0, design.num_subsets, chunk):
-            kc = min(chunk, design.num_subsets - k0)
-            if self.path == "fast" and self.fused:
-                loss, acc = self._fused_chunk(inputs, targets, design, init, k0, kc)
-            else:
-                run = self._fast_chunk if self.path == "fast" else self._vmap_chunk
-                logits = run(inputs, design, init, k0, kc)
-                flat, flat_targets = flatten_for_metrics(logits, targets, kc)
-                loss, acc = bk.subset_metrics(flat, flat_targets, backend=self.backend)
-            losses.append(loss)
-            accs.append(acc)
+        try:
+            for k0 in range(0, design.num_subsets, chunk):
+                kc = min(chunk, design.num_subsets - k0)
+                if self.path == "fast" and self.fused:
+                    loss, acc = self._fused_chunk(inputs, targets, design, init, k0, kc)
+                else:
+                    run = self._fast_chunk if self.path == "fast" else self._vmap_chunk
+                    logits = run(inputs, design, init, k0, kc)
+                    flat, flat_targets = flatten_for_metrics(logits, targets, kc)
+                    loss, acc = bk.subset_metrics(flat, flat_targets, backend=self.backend)
+                losses.append(loss)
+                accs.append(acc)
+        except _FastPathUnsupported as exc:
+            # The path was chosen on an earlier batch or block of subsets; this one does not fit.
+            raise InputMismatchError(
+                f"the fast path cannot evaluate {kc} subsets of this batch: {exc}; pass "
+                "path='vmap'") from exc
         return Metrics(torch.cat(losses), torch.cat(accs))
 
     def chunk_size(self, inputs: Tensor, num_subsets: int) -> int:
@@ -492,12 +499,54 @@ class BatchedEvaluator:
         def one(params):
             return model_logits(torch.func.functional_call(self.model, params, (inputs,)))
 
-        with warnings.catch_warnings():
+        # functional_call can leave a vmapped tensor behind (model_kept puts the model back).
+        with model_kept(self.model), warnings.catch_warnings():
             # Fused kernels without a batching rule (nn.MultiheadAttention's) run per subset:
             # slower, which the path choice already reports, but correct.
             warnings.filterwarnings("ignore", message=".*batching rule.*")
             out = torch.func.vmap(one, randomness="different")(blended)
         return out.reshape(kc * inputs.shape[0], *out.shape[2:])
+
+
+class ModelStructure:
+    """Every module's own attributes (mode, parameter, buffer and submodule objects, hooks,
+    instance ``forward``), to put back with :meth:`restore`. Not tensor values: whoever uses it
+    writes none, or restores them itself."""
+
+    def __init__(self, model: nn.Module):
+        # Containers (_parameters, _buffers, _modules, hook dicts, the non-persistent buffer
+        # set) are changed in place: their contents are kept too, not only the objects.
+        self._kept = [(m, dict(vars(m)), {k: copy.copy(v) for k, v in vars(m).items()
+                                          if isinstance(v, (dict, set))})
+                      for m in model.modules()]
+
+    def restore(self) -> None:
+        """Put every kept module's attributes back as they were (removing any added since)."""
+        for m, attributes, contents in self._kept:
+            own = vars(m)
+            for name in set(own) - set(attributes):
+                del own[name]
+            own.update(attributes)
+            for name, content in contents.items():
+                own[name].clear()
+                own[name].update(content)
+
+
+@contextlib.contextmanager
+def model_kept(model: nn.Module):
+    """On exit, however it is left: ``model``'s structure as on entry (see ModelStructure).
+
+    A search switches the model to eval mode (which must not leave a frozen submodule in train
+    mode afterwards) and patches forwards. ``torch.func.functional_call`` (the vmap path) swaps
+    tensors in and out, and for a module registered under two names (``nn.Sequential(a, b, a)``,
+    ``self.decoder = self.encoder``) it swaps that module's slot twice and "restores" the second
+    swap's original, the vmapped tensor, which then breaks forward, state_dict and torch.save.
+    """
+    structure = ModelStructure(model)
+    try:
+        yield
+    finally:
+        structure.restore()
 
 
 def _zero_like_scalar(t: Tensor) -> Tensor:

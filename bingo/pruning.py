@@ -36,8 +36,10 @@ from bingo.errors import (
     NonFiniteError,
     NoPrunableLayersError,
     UnreachableFloorError,
+    require_data,
     require_option,
 )
+from bingo.executor import ModelStructure
 from bingo.attention import HeadLayout, head_layout, param_head_masks, shrink_heads
 from bingo.reconstruct import LeastSquaresReconstruction as Reconstruction
 from bingo.units import HEADS_KEY, layer_kind, linear_names, mlp_problem
@@ -996,6 +998,9 @@ def prune(
     """
     _check_options(floor, ceiling, sparsity, eval_fn, min_keep, grid, tolerance, structured)
     _check_reconstruct(reconstruct)
+    require_data("model tensor", model.state_dict(keep_vars=True).items())
+    if isinstance(scores, Mapping):
+        require_data("score", scores.items())
     layers, granularity = _scored_layers(model, scores)
     ranking = _rank(layers, min_keep)
     # One working model for everything: the floor search rewrites its weights in place, and it
@@ -1024,21 +1029,26 @@ def prune(
     if sparsity is not None and eval_fn is not None:
         dense_accuracy = _accuracy_value(eval_fn(work), 0)
     reconstructed = None
-    if reconstruct is not None:
-        params = dict(work.named_parameters())
-        originals = {n: params[n].detach().clone()
-                     for n in {*masks, *reconstruct.parameter_names(work)}}
-        try:
+    params = dict(work.named_parameters())
+    originals: dict[str, Tensor] = {}
+    # inplace=True: whatever fails from here on (the refit, structured=True, eval_fn), the
+    # caller's model is left as it came in: its values and its modules (no torch prune masks).
+    structure = ModelStructure(work)
+    try:
+        if reconstruct is not None:
+            originals = {n: params[n].detach().clone()
+                         for n in {*masks, *reconstruct.parameter_names(work)}}
             _write_masked(params, originals, masks)
             reconstruct(work, masks)
-        except BaseException:  # inplace=True: never leave the caller's model half-refitted
-            _restore(params, originals)
-            raise
-        reconstructed = list(reconstruct.refitted)
-    structured_result = _structured(work, unit_masks, granularity, structured)
-    _apply_torch_masks(work, masks)
-    if sparsity is not None and eval_fn is not None:
-        accuracy = _accuracy_value(eval_fn(work), count)
+            reconstructed = list(reconstruct.refitted)
+        structured_result = _structured(work, unit_masks, granularity, structured)
+        _apply_torch_masks(work, masks)
+        if sparsity is not None and eval_fn is not None:
+            accuracy = _accuracy_value(eval_fn(work), count)
+    except BaseException:
+        structure.restore()
+        _restore(params, originals)
+        raise
 
     weight_masks = [mask for name, mask in masks.items() if name.endswith("weight")]
     zeroed = sum(int((~m).sum()) for m in weight_masks)

@@ -13,16 +13,24 @@ Typical use::
 Each search draws K subsets of units from the counter-based hash (seed, search index, subset,
 unit), evaluates the model on the batch with each subset reset (simulated; weights never change),
 and accumulates per-unit sufficient statistics for the chosen estimator. ``state_dict`` holds
-everything needed to resume bit for bit: the configuration, counters, the reset snapshot and the
-statistics.
+everything needed to resume bit for bit: the configuration, counters, the reset snapshot, the
+statistics and the position in ``search_data`` (bit for bit there only when every pass over it
+yields the same batches in the same order; see :class:`TicketSearch`), with a checksum of all of
+it that loading verifies.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import math
 import os
-import tempfile
+import re
+import secrets
+import socket
+import stat
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Iterable, Mapping, Optional, Union
 
@@ -33,13 +41,17 @@ import bingo_kernels as bk
 
 from . import distributed as dist_search
 from .errors import (CheckpointError, InputMismatchError, InvalidOptionError, NonFiniteError,
-                     require_option)
+                     require_data, require_option)
 from .estimators import (Significance, UnitStatistics, make_estimator, significance_from)
-from .executor import PATHS, BatchedEvaluator, Design, Metrics
+from .executor import PATHS, BatchedEvaluator, Design, Metrics, model_kept
 from .units import GRANULARITIES, UnitLayout, find_units
 
 STATE_FORMAT = "bingo.TicketSearch"
-STATE_VERSION = 1
+STATE_VERSION = 2
+"""2 added ``checksum`` and ``search_data_position``; version-1 states still load (see
+:meth:`TicketSearch.load_state_dict`)."""
+STALE_TEMP_SECONDS = 3600
+"""A ``save()`` temporary file untouched this long belongs to no live writer (see ``save``)."""
 RESETS = ("init", "zero", "rewind")
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -135,7 +147,10 @@ class TicketSearch:
         model: the network being trained. Its nn.Linear / nn.Conv2d layers hold the units.
         search_data: optional iterable of ``(inputs, targets)`` batches to search on instead of the
             training batch (iterated again at the end of each pass, so a shuffling DataLoader
-            reshuffles; restarts from its beginning after ``load_state_dict``).
+            reshuffles). The state records how many batches of the current pass were used;
+            after ``load_state_dict`` a fresh pass skips that many, so a resumed search sees the
+            batches an uninterrupted one would only when every pass yields the same batches in
+            the same order (a list of batches, a DataLoader without shuffling).
         distributed: ``"auto"`` (default: when torch.distributed is initialised at a search,
             the ranks of the default group split the K subsets and all-reduce the statistics, with
             the same scores as one process), ``False`` (every process searches alone), ``True``
@@ -179,16 +194,22 @@ class TicketSearch:
         self.distributed, self.sync_batch, self.timeout = distributed, sync_batch, float(timeout)
         self.estimator = make_estimator(score, metric, literal)
         self.model = model
+        require_data("model tensor", model.state_dict(keep_vars=True).items())
         self.layout: UnitLayout = find_units(model, granularity, include, exclude,
                                              example_inputs=example_inputs)
         self._device = self.layout.groups[0].device
         # Fails early, naming the reason, when an explicit backend cannot run here.
         bk.resolve_backend(backend, self._device)
         self.probs = self._inclusion_probabilities(fraction)
+        problem = self.estimator.fraction_problem(max(
+            float(torch.as_tensor(p, dtype=torch.float32).max()) for p in self.probs.values()))
+        if problem is not None:
+            raise InvalidOptionError(problem)
         self.evaluator = BatchedEvaluator(model, self.layout, backend=backend, path=path,
                                           memory_budget=memory_budget)
         self.search_data = search_data
         self._search_iter = None
+        self._search_position = 0  # batches drawn from the current pass over search_data
         self.calls = 0
         self.searches = 0
         self.skipped = 0
@@ -221,7 +242,8 @@ class TicketSearch:
                     f"fraction[{g.param_name!r}] must be a tensor of shape {tuple(shape)}")
             if not bool(((p >= 0) & (p <= 1)).all()):
                 raise InvalidOptionError(f"fraction[{g.param_name!r}] has values outside [0, 1]")
-            probs[g.param_name] = p.detach().to(self._device, torch.float32).reshape(-1)
+            # A copy: the caller's tensor may change later; the search's probabilities may not.
+            probs[g.param_name] = p.detach().to(self._device, torch.float32).reshape(-1).clone()
         return probs
 
     def _snapshot(self) -> dict[str, Tensor]:
@@ -256,8 +278,19 @@ class TicketSearch:
         """Call after ``optimizer.step()``. Runs a search on every ``every``-th call.
 
         Returns the search's record (also appended to ``history``), or None when this call runs
-        no search (not an ``every``-th call, or before the rewind snapshot exists).
+        no search (not an ``every``-th call, or before the rewind snapshot exists). A call that
+        raises leaves the search as it was (counters, snapshot, statistics); only a batch drawn
+        from ``search_data`` stays drawn. Any call leaves the model as it came (every module's
+        mode, parameter and buffer objects, hooks and forward; see executor.ModelStructure).
         """
+        calls, init = self.calls, self.init
+        try:
+            return self._step(inputs, targets)
+        except BaseException:
+            self.calls, self.init = calls, init
+            raise
+
+    def _step(self, inputs, targets) -> Optional[dict]:
         self.calls += 1
         cfg = self.config
         if cfg.reset == "rewind" and self.init is None and self.calls >= cfg.rewind_step:
@@ -272,16 +305,15 @@ class TicketSearch:
             # Only rank 0's batch (or search_data) is used; the others receive it.
             if comm.rank == 0:
                 inputs, targets = self._search_batch(inputs, targets)
-            inputs, targets = comm.broadcast_batch(inputs, targets, self.searches)
+            # With rank 0's position in search_data, so that every rank's state_dict is the same.
+            inputs, targets, self._search_position = comm.broadcast_batch(
+                inputs, targets, self.searches, self._search_position)
             self._check_batch(inputs, targets)
         else:
             inputs, targets = self._search_batch(inputs, targets)
-        was_training = self.model.training
-        self.model.eval()  # searches must be deterministic: no dropout, batch norm frozen
-        try:
+        with model_kept(self.model):
+            self.model.eval()  # searches must be deterministic: no dropout, batch norm frozen
             record = self._search(inputs, targets, comm)
-        finally:
-            self.model.train(was_training)
         record["seconds"] = time.perf_counter() - start
         self.seconds += record["seconds"]
         self.history.append(record)
@@ -312,18 +344,58 @@ class TicketSearch:
             raise InputMismatchError(
                 f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must share the "
                 "batch dimension")
+        # Either would be recorded as a search in which no reset changed anything.
+        if inputs.shape[0] == 0:
+            raise InputMismatchError("the search batch is empty (0 rows): nothing to measure")
+        if not bool((targets != bk.ops.IGNORE_INDEX).any()):
+            raise InputMismatchError(
+                f"every target of the search batch is the ignore index {bk.ops.IGNORE_INDEX} "
+                "(padding): nothing to measure")
 
     def _next_search_batch(self):
         # Re-iterates search_data at the end of each pass rather than replaying stored batches
         # (itertools.cycle would keep every batch in memory and freeze a DataLoader's shuffle).
+        if self._search_iter is None and self._search_position:
+            self._search_iter = self._resumed_pass(self._search_position)
         for fresh in (False, True):
             if self._search_iter is None or fresh:
-                self._search_iter = iter(self.search_data)
+                self._search_iter, self._search_position = iter(self.search_data), 0
             try:
-                return next(self._search_iter)
+                batch = next(self._search_iter)
             except StopIteration:
                 continue
+            self._search_position += 1
+            return batch
         raise InputMismatchError("search_data yielded no batch")
+
+    def _resumed_pass(self, position: int):
+        """A fresh pass over search_data, past the ``position`` batches a loaded state used."""
+        batches = iter(self.search_data)
+        for used in range(position):
+            try:
+                next(batches)
+            except StopIteration:
+                raise InputMismatchError(
+                    f"the loaded state had used {position} batches of the current pass over "
+                    f"search_data, but a pass now yields {used}: this is not the search data the "
+                    "state was saved with") from None
+        return batches
+
+    def _check_layers_current(self) -> None:
+        # The layout holds the modules it found at construction: a layer replaced since (a new
+        # head, a shrunk block) would be neither searched nor noticed, while searches went on.
+        for g in self.layout.groups:
+            for name, t in g.tensors().items():
+                owner, _, attr = name.rpartition(".")
+                try:
+                    current = getattr(self.model.get_submodule(owner), attr)
+                except AttributeError:
+                    current = None
+                if current is not t:
+                    raise InputMismatchError(
+                        f"layer {g.name!r} is no longer the model's: {name!r} was replaced or "
+                        "removed after the TicketSearch was built; build a new TicketSearch for "
+                        "the changed model")
 
     def _check_weights(self) -> None:
         for g in self.layout.groups:
@@ -338,6 +410,7 @@ class TicketSearch:
             dist_search.shard(cfg.subsets, comm.rank, comm.world)
         design = ShardDesign(cfg.seed, self.searches, hi - lo, self.probs, k_offset=lo)
         try:
+            self._check_layers_current()
             self._check_weights()
             before = self.evaluator.baseline(inputs, targets)
             init = None if cfg.reset == "zero" else self.init
@@ -427,11 +500,13 @@ class TicketSearch:
     # -- persistence ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Everything needed to resume: config, counters, reset snapshot, statistics, history."""
+        """Everything needed to resume: config, counters, reset snapshot, statistics, history,
+        the position in ``search_data``, and a ``checksum`` of all of it (SHA-256, verified by
+        :meth:`load_state_dict`)."""
         cfg = asdict(self.config)
         fraction = self.config.fraction
         cfg["fraction"] = float(fraction) if not isinstance(fraction, Mapping) else None
-        return {
+        state = {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             "config": cfg,
@@ -446,29 +521,67 @@ class TicketSearch:
             "init": None if self.init is None else {k: v.clone() for k, v in self.init.items()},
             "stats": {k: v.clone() for k, v in self.stats.per_unit.items()},
             "totals": self.stats.totals.clone(),
+            "search_data_position": self._search_position,
         }
+        state["checksum"] = state_checksum(state)
+        return state
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Restore a state from :meth:`state_dict`, checking it belongs to this model and config."""
+        """Restore a state from :meth:`state_dict`, checking it belongs to this model and config.
+
+        Everything is checked before anything is applied, so a refused state (CheckpointError)
+        leaves this search as it was: the checksum (a state changed after ``state_dict`` made it,
+        by corruption or by hand, is refused), then the configuration and layers, then that the
+        content is consistent (shapes, dtypes, finite statistics, counters that fit together, a
+        reset snapshot exactly when the configuration has one).
+
+        Version-1 states (before checkpoints carried a checksum) still load, with a warning
+        that their content cannot be verified; saving again writes the current version.
+        """
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
             raise CheckpointError("not a bingo TicketSearch state (missing or wrong 'format')")
-        if state.get("version") != STATE_VERSION:
+        version = state.get("version")
+        if type(version) is not int or version not in (1, STATE_VERSION):
             raise CheckpointError(
-                f"TicketSearch state version {state.get('version')!r} is not supported (this "
-                f"bingo reads version {STATE_VERSION})")
+                f"TicketSearch state version {version!r} is not supported (this bingo reads "
+                f"versions 1 and {STATE_VERSION})")
         try:
-            self._load_checked(state)
+            self._verify_checksum(state, version)
+            loaded = self._checked_state(state)
         except CheckpointError:
             raise
         except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"TicketSearch state is incomplete or corrupt: {exc!r}") from exc
+        for name, value in loaded.items():  # plain assignments: all or nothing
+            setattr(self, name, value)
 
-    def _load_checked(self, state: Mapping) -> None:
-        mine = self.config.scoring_fields()
+    @staticmethod
+    def _verify_checksum(state: Mapping, version: int) -> None:
+        if version == 1:
+            if "checksum" in state or "search_data_position" in state:
+                raise CheckpointError("the state says version 1 but has version-2 fields: corrupt")
+            warnings.warn("bingo: this TicketSearch state is version 1, written before states "
+                          "carried a checksum, so corruption cannot be ruled out (its content is "
+                          "still checked for consistency); save it again to add one",
+                          stacklevel=3)
+            return
+        if "checksum" not in state:
+            raise CheckpointError("the TicketSearch state has no checksum: incomplete or corrupt")
+        if state["checksum"] != state_checksum(state):
+            raise CheckpointError(
+                "the TicketSearch state does not match its checksum: it is corrupt, or was "
+                "changed after state_dict() made it")
+
+    def _checked_state(self, state: Mapping) -> dict:
+        """The attributes ``state`` restores, after checking it fits this search."""
+        cfg = self.config
+        mine = cfg.scoring_fields()
         theirs = dict(state["config"])
         theirs["fraction"] = "per-unit" if theirs["fraction"] is None else float(theirs["fraction"])
+        # Types too: True == 1, but a checkpoint holding literal=1 or subsets=True is not ours.
         differ = [f"{k}: checkpoint {theirs.get(k)!r} vs this search {v!r}"
-                  for k, v in mine.items() if theirs.get(k) != v]
+                  for k, v in mine.items() if type(theirs.get(k)) is not type(v)
+                  or theirs.get(k) != v]
         if differ:
             raise CheckpointError("the checkpoint was made with a different search configuration: "
                                   + "; ".join(differ))
@@ -477,50 +590,126 @@ class TicketSearch:
                 "the checkpoint belongs to a different model: its layers "
                 f"{[(d['param'], tuple(d['shape'])) for d in state['layout']]} vs this model's "
                 f"{[(g.param_name, g.weight_shape) for g in self.layout.groups]}")
+        self._check_fraction(state["per_unit_fraction"])
+        calls, searches, skipped = (_count(state, k) for k in ("calls", "searches", "skipped"))
+        if skipped > searches or searches > -(-calls // cfg.every) or searches > bk.hashing.MASK32:
+            raise CheckpointError(
+                f"the checkpoint's counters do not fit together: {calls} calls, {searches} "
+                f"searches (at most one per {cfg.every} calls, below 2**32), {skipped} skipped")
+        totals = state["totals"]
+        if not isinstance(totals, Tensor) or tuple(totals.shape) != (3,) or \
+                totals.dtype != torch.float64 or not bool(torch.isfinite(totals).all()) or \
+                float(totals[0]) != cfg.subsets * (searches - skipped) or float(totals[2]) < 0:
+            raise CheckpointError(
+                f"the checkpoint's totals are corrupt: {state['totals']!r} for "
+                f"{searches - skipped} searches of {cfg.subsets} subsets")
+        if set(state["stats"]) != {g.param_name for g in self.layout.groups}:
+            raise CheckpointError(f"the checkpoint's statistics are of layers "
+                                  f"{sorted(state['stats'])}, not {self.layers}")
         stats = {}
         for g in self.layout.groups:
             t = state["stats"][g.param_name]
             if not isinstance(t, Tensor) or tuple(t.shape) != (g.num_units, 3) or \
                     t.dtype != torch.float64 or not bool(torch.isfinite(t).all()):
                 raise CheckpointError(f"statistics of {g.param_name!r} are corrupt")
+            counts = t[:, 0]
+            if not bool(((counts >= 0) & (counts <= totals[0]) & (counts == counts.round())
+                         & (t[:, 2] >= 0)).all()):
+                raise CheckpointError(
+                    f"statistics of {g.param_name!r} are corrupt: per-unit counts must be whole "
+                    f"numbers in [0, {float(totals[0]):g}] and sums of squares non-negative")
             stats[g.param_name] = t.to(self._device).clone()
-        totals = state["totals"]
-        if not isinstance(totals, Tensor) or tuple(totals.shape) != (3,):
-            raise CheckpointError("the checkpoint's totals are corrupt")
-        init = state["init"]
-        if init is not None:
-            init = {k: v.to(self._device).clone() for k, v in init.items()}
-            for g in self.layout.groups:
-                for name, t in g.tensors().items():
-                    if tuple(init[name].shape) != tuple(t.shape):
-                        raise CheckpointError(f"reset snapshot of {name!r} has the wrong shape")
-        if state["per_unit_fraction"] is not None:
-            self.probs = {k: v.to(self._device, torch.float32)
-                          for k, v in state["per_unit_fraction"].items()}
-        self.stats = UnitStatistics(stats, totals.to(self._device, torch.float64).clone())
-        self.init = init
-        self.calls = int(state["calls"])
-        self.searches = int(state["searches"])
-        self.skipped = int(state["skipped"])
-        self.seconds = float(state["seconds"])
-        self.history = list(state["history"])
-        self._search_iter = None
+        seconds = state["seconds"]
+        if type(seconds) not in (int, float) or not math.isfinite(seconds) or seconds < 0:
+            raise CheckpointError(f"the checkpoint's seconds must be a non-negative number, got "
+                                  f"{seconds!r}")
+        history = state["history"]
+        if not isinstance(history, list) or len(history) != searches or \
+                not all(isinstance(r, dict) for r in history):
+            raise CheckpointError(f"the checkpoint's history must list one record per search "
+                                  f"({searches})")
+        return dict(stats=UnitStatistics(stats, totals.to(self._device).clone()),
+                    init=self._checked_init(state["init"], calls), calls=calls,
+                    searches=searches, skipped=skipped, seconds=float(seconds),
+                    history=copy.deepcopy(history), _search_iter=None,
+                    _search_position=_count(state, "search_data_position")
+                    if "search_data_position" in state else 0)
+
+    def _check_fraction(self, theirs) -> None:
+        """A per-unit fraction must be this search's own: it decides every subset."""
+        if theirs is None:
+            return  # scalar: already compared with the configuration
+        if not isinstance(theirs, Mapping) or set(theirs) != set(self.probs):
+            raise CheckpointError("the checkpoint's per-unit fraction is of other layers")
+        for key, p in self.probs.items():
+            t = theirs[key]
+            if not isinstance(t, Tensor) or t.dtype != torch.float32 or \
+                    not torch.equal(t.to(p.device).reshape(-1), p):
+                raise CheckpointError(
+                    f"the checkpoint was made with a different per-unit fraction of {key!r}; "
+                    "a checkpoint resumes only the search it was made with")
+
+    def _checked_init(self, init, calls: int) -> Optional[dict[str, Tensor]]:
+        """The reset snapshot: present exactly when this configuration has taken one by ``calls``
+        (like the live tensors in names, shapes and dtypes, and finite)."""
+        cfg = self.config
+        expected = cfg.reset == "init" or (cfg.reset == "rewind" and calls >= cfg.rewind_step)
+        if (init is not None) != expected:
+            raise CheckpointError(
+                f"the checkpoint {'lacks' if expected else 'has'} a reset snapshot, but "
+                f"reset={cfg.reset!r} after {calls} calls {'takes' if expected else 'has no'} one")
+        if init is None:
+            return None
+        live = {name: t for g in self.layout.groups for name, t in g.tensors().items()
+                if t is not None}
+        if not isinstance(init, Mapping) or set(init) != set(live):
+            raise CheckpointError(f"the checkpoint's reset snapshot holds {sorted(init)}, not "
+                                  f"{sorted(live)}")
+        out = {}
+        for name, t in live.items():
+            s = init[name]
+            if not isinstance(s, Tensor) or tuple(s.shape) != tuple(t.shape) or \
+                    s.dtype != t.dtype or not bool(torch.isfinite(s).all()):
+                raise CheckpointError(
+                    f"reset snapshot of {name!r} must be a finite {t.dtype} tensor of shape "
+                    f"{tuple(t.shape)}")
+            out[name] = s.to(self._device).clone()
+        return out
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write :meth:`state_dict` to ``path`` atomically (an interrupted write keeps the old)."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bingo-", suffix=".tmp")
-        os.close(fd)
+        """Write :meth:`state_dict` to ``path`` atomically (an interrupted write keeps the old).
+
+        A symlink is written through (its target is replaced) and an existing file keeps its
+        permission bits (a new one gets the umask's, as ``open`` gives). The state goes to a
+        temporary file ``.bingo-<host>.<pid>.<random>.tmp`` beside the target, renamed over it
+        when complete; one left behind by a killed writer (its process gone from this host, or
+        untouched for ``STALE_TEMP_SECONDS``) is removed by the next ``save`` in that directory.
+        """
+        state = self.state_dict()
+        path = os.path.realpath(os.fspath(path))
+        directory = os.path.dirname(path)
+        _remove_stale_temporaries(directory)
+        tmp = os.path.join(directory, f".bingo-{_temp_owner()}.{secrets.token_hex(4)}.tmp")
         try:
-            torch.save(self.state_dict(), tmp)
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            mode = None
+        # 0o666 masked by the umask, as open() would create the file (mkstemp's is 0o600).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+            if mode is not None:
+                os.chmod(tmp, mode)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
     def load(self, path: Union[str, os.PathLike]) -> None:
-        """Load a file written by :meth:`save`; a corrupt or foreign file raises CheckpointError."""
+        """Load a file written by :meth:`save`; a corrupt or foreign file raises CheckpointError
+        (the checksum in the state catches corruption that torch.load does not: it does not check
+        the zip's CRCs)."""
         try:
             state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
         except FileNotFoundError:
@@ -537,3 +726,88 @@ class TicketSearch:
                 f"{'per-unit' if isinstance(c.fraction, Mapping) else c.fraction}, "
                 f"reset={c.reset!r}, metric={c.metric!r}, score={c.score!r}, "
                 f"searches={self.searches}, path={self.path!r})")
+
+
+def state_checksum(state: Mapping) -> str:
+    """SHA-256 of a TicketSearch state without its ``checksum`` field, over a canonical encoding
+    of everything in it: every tensor's dtype, shape and bytes, every other value with its type,
+    every dict's keys (in sorted order) and every list's length."""
+    h = hashlib.sha256()
+    _digest(h, {k: v for k, v in state.items() if k != "checksum"})
+    return h.hexdigest()
+
+
+def _digest(h, value) -> None:
+    if isinstance(value, Tensor):
+        t = value.detach().to("cpu").contiguous()
+        h.update(f"tensor:{t.dtype}:{list(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, Mapping):
+        h.update(f"dict:{len(value)};".encode())
+        for key in sorted(value, key=repr):
+            _digest(h, key)
+            _digest(h, value[key])
+    elif isinstance(value, (list, tuple)):
+        h.update(f"list:{len(value)};".encode())
+        for item in value:
+            _digest(h, item)
+    elif value is None or isinstance(value, (bool, int, float, str)):
+        text = repr(value).encode()
+        h.update(f"{type(value).__name__}:{len(text)}:".encode() + text)
+    else:
+        raise CheckpointError(f"a TicketSearch state holds a {type(value).__name__}, which no "
+                              "state_dict() writes: corrupt or changed by hand")
+
+
+def _count(state: Mapping, key: str) -> int:
+    value = state[key]
+    if type(value) is not int or value < 0:
+        raise CheckpointError(f"the checkpoint's {key} must be a non-negative integer, got "
+                              f"{value!r}")
+    return value
+
+
+# save()'s temporary files: ".bingo-<host>.<pid>.<8 hex>.tmp"; before the host and pid were in the
+# name (bingo <= the version-1 state format): mkstemp's ".bingo-<8 chars>.tmp".
+_TEMP_NAME = re.compile(
+    r"\.bingo-(?:(?P<host>[\w-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}|[a-z0-9_]{8})\.tmp")
+
+
+def _temp_owner() -> str:
+    host = re.sub(r"[^\w-]", "_", socket.gethostname())
+    return f"{host}.{os.getpid()}"
+
+
+def _process_gone(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) is a liveness probe on POSIX only
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):  # alive (another user's), or no pid of this system
+        return False
+    return False
+
+
+def _remove_stale_temporaries(directory: str) -> None:
+    """Remove ``save()`` temporaries left by killed writers: those of a process gone from this
+    host, and those untouched for STALE_TEMP_SECONDS (any host; a writer touches its file until
+    it renames it). A live writer's file is never removed."""
+    host = _temp_owner().rpartition(".")[0]
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return  # the save itself reports an unusable directory
+    for entry in entries:
+        match = _TEMP_NAME.fullmatch(entry.name)
+        if match is None:
+            continue
+        try:
+            stale = (match["pid"] is not None and match["host"] == host
+                     and _process_gone(int(match["pid"]))) or \
+                time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS
+            if stale:
+                os.unlink(entry.path)
+        except OSError:
+            continue  # removed meanwhile by another save, or not ours to remove

@@ -7,6 +7,11 @@ Two implementations of the spec live here, both checked against a pure-Python tr
 in the tests: native uint32 in numpy for CPU tensors (fast), and uint32 emulated in int64 torch
 tensors for any other device, written so that no int64 product ever overflows (it does not rely
 on undefined signed overflow).
+
+The unit index is uint64: a layer's units ``[unit_offset, unit_offset + num_units)`` must lie in
+``[0, 2**64)`` (:func:`check_units`). The ops carry the offset through ``torch.library`` (whose
+ints are int64) as the int64 with the same 64 bits (:func:`offset_arg`; :func:`offset_from_arg`
+reads it back), so offsets past 2**63 reach every backend unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from .errors import InputMismatchError
 
 MASK32 = 0xFFFFFFFF
+MASK64 = (1 << 64) - 1
 MIX_MUL1 = 0x7FEB352D
 MIX_MUL2 = 0x846CA68B
 SEED_SALT = 0x9E3779B9
@@ -66,6 +72,27 @@ def check_u32(name: str, value: int) -> int:
     return value
 
 
+def check_units(unit_offset: int, num_units: int) -> None:
+    """A layer's global unit indices ``[unit_offset, unit_offset + num_units)`` must be uint64."""
+    for name, value in (("unit_offset", unit_offset), ("num_units", num_units)):
+        if isinstance(value, bool) or not hasattr(value, "__index__") or value < 0:
+            raise InputMismatchError(f"{name} must be a non-negative integer, got {value!r}")
+    if unit_offset > MASK64 or int(unit_offset) + int(num_units) > MASK64 + 1:
+        raise InputMismatchError(
+            f"unit indices are uint64: unit_offset={unit_offset} with {num_units} units goes past "
+            "2**64")
+
+
+def offset_arg(unit_offset: int) -> int:
+    """The uint64 ``unit_offset`` as the int64 with the same bits (an op argument)."""
+    return unit_offset - (1 << 64) if unit_offset > MASK64 >> 1 else unit_offset
+
+
+def offset_from_arg(value: int) -> int:
+    """The uint64 unit offset an op argument from :func:`offset_arg` carries."""
+    return value & MASK64
+
+
 def subset_key_int(seed: int, search: int, k: int) -> int:
     """The 32-bit stream key of subset ``k`` of search ``search`` (see :func:`subset_mask`)."""
     return mix32_int(mix32_int(mix32_int(seed ^ SEED_SALT) ^ search) ^ k)
@@ -80,9 +107,14 @@ def subset_keys(seed: int, search: int, k_start: int, num_subsets: int, device=N
 
 
 def unit_hashes(unit_offset: int, num_units: int, device=None) -> torch.Tensor:
-    """Per-unit hashes ``mix32(lo32(u) ^ mix32(hi32(u) ^ UNIT_HI_SALT))`` for global indices u."""
-    u = torch.arange(unit_offset, unit_offset + num_units, dtype=torch.int64, device=device)
-    return mix32((u & MASK32) ^ mix32((u >> 32) ^ UNIT_HI_SALT))
+    """Per-unit hashes ``mix32(lo32(u) ^ mix32(hi32(u) ^ UNIT_HI_SALT))`` for global indices u.
+
+    ``u = unit_offset + i`` is uint64, which int64 cannot hold: the halves are added separately,
+    with the carry, so every temporary stays below 2**33.
+    """
+    lo = torch.arange(num_units, dtype=torch.int64, device=device) + (unit_offset & MASK32)
+    hi = ((lo >> 32) + (unit_offset >> 32)) & MASK32
+    return mix32((lo & MASK32) ^ mix32(hi ^ UNIT_HI_SALT))
 
 
 def inclusion_threshold(prob, num_units: int, device=None) -> torch.Tensor:
@@ -135,8 +167,9 @@ def subset_mask(
     """
     for name, value in (("seed", seed), ("search", search), ("k_start", k_start)):
         check_u32(name, value)
-    if num_subsets < 0 or num_units < 0 or unit_offset < 0:
-        raise InputMismatchError("num_subsets, num_units and unit_offset must be non-negative")
+    check_units(unit_offset, num_units)
+    if num_subsets < 0:
+        raise InputMismatchError(f"num_subsets must be non-negative, got {num_subsets}")
     device = torch.device("cpu") if device is None else torch.device(device)
     thresholds = inclusion_threshold(prob, num_units, device)
     if device.type == "cpu":

@@ -17,9 +17,13 @@ from torch import Tensor
 from . import reference
 from .backends import backend_op, resolve_backend
 from .errors import InputMismatchError
+from .hashing import check_units, offset_arg
 from .subsets import SubsetMasks
 
 Masks = Union[SubsetMasks, Tensor]
+
+IGNORE_INDEX = -100
+"""Targets left out of the metrics by default (``F.cross_entropy``'s default: padding tokens)."""
 
 
 # --- custom ops -------------------------------------------------------------------------------
@@ -154,9 +158,10 @@ def _mask_args(masks: Masks, num_units: int, out_features: int, device: torch.de
                     f"per-unit inclusion probability has {prob.numel()} values but the layer has "
                     f"{num_units} {masks.granularity} units")
             prob = prob.to(device)
+        check_units(masks.unit_offset, num_units)
         return dict(explicit_masks=None, prob=prob, prob_scalar=masks.scalar_prob(),
                     seed=masks.seed, search=masks.search, k_start=masks.k_start,
-                    num_subsets=masks.num_subsets, unit_offset=masks.unit_offset,
+                    num_subsets=masks.num_subsets, unit_offset=offset_arg(masks.unit_offset),
                     granularity=masks.granularity)
     if isinstance(masks, Tensor):
         if masks.dtype != torch.bool or masks.dim() != 2 or masks.shape[1] != out_features:
@@ -267,7 +272,7 @@ def masked_reset_conv2d(x: Tensor, weight: Tensor, init_weight: Optional[Tensor]
                 pair(padding), pair(dilation), int(groups))
 
 
-def subset_metrics(logits: Tensor, targets: Tensor, *, ignore_index: int = -100,
+def subset_metrics(logits: Tensor, targets: Tensor, *, ignore_index: int = IGNORE_INDEX,
                    backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Per-subset mean cross-entropy and accuracy: ``(K, N, C)`` logits, ``(N,)`` targets.
 
@@ -283,7 +288,7 @@ def subset_metrics(logits: Tensor, targets: Tensor, *, ignore_index: int = -100,
 
 def subset_linear_metrics(h: Tensor, weight: Tensor, init_weight: Optional[Tensor],
                           bias: Optional[Tensor], init_bias: Optional[Tensor], masks: Masks,
-                          targets: Tensor, *, ignore_index: int = -100,
+                          targets: Tensor, *, ignore_index: int = IGNORE_INDEX,
                           chunk: Optional[int] = None,
                           backend: str = "auto") -> tuple[Tensor, Tensor]:
     """A last Linear layer fused with :func:`subset_metrics`: the ``(K, B, C)`` logits never exist.

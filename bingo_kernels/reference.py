@@ -6,7 +6,8 @@ checking happens once, in :mod:`bingo_kernels.ops`, before dispatch.
 
 Mask arguments shared by the ops (``MASK_ARGS``): either ``explicit_masks`` (bool, K x units) or
 the hashed description ``prob`` (per-unit float32 tensor or None), ``prob_scalar`` (used when
-``prob`` is None), ``seed``, ``search``, ``k_start``, ``num_subsets``, ``unit_offset``.
+``prob`` is None), ``seed``, ``search``, ``k_start``, ``num_subsets``, ``unit_offset`` (the uint64
+offset as the int64 with the same bits: :func:`bingo_kernels.hashing.offset_arg`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .hashing import MASK32, subset_mask
+from .hashing import MASK32, offset_from_arg, subset_mask
 
 # Bound on elements of blended weights the reference materialises at once (64 MiB of fp32).
 _BLEND_ELEMENTS = 1 << 24
@@ -29,7 +30,8 @@ def _masks(explicit_masks, prob, prob_scalar, seed, search, k_start, num_subsets
     if explicit_masks is not None:
         return explicit_masks[k0:k1].to(device=device, dtype=torch.bool)
     p = prob if prob is not None else prob_scalar
-    return subset_mask(seed, search, k_start + k0, k1 - k0, unit_offset, num_units, p, device)
+    return subset_mask(seed, search, k_start + k0, k1 - k0, offset_from_arg(unit_offset), num_units,
+                       p, device)
 
 
 def _num_subsets(explicit_masks, num_subsets) -> int:
@@ -207,7 +209,8 @@ def subset_unit_sums(
             m = explicit_masks[:, u0:u1]
         else:
             p = prob[u0:u1] if prob is not None else prob_scalar
-            m = subset_mask(seed, search, k_start, K, unit_offset + u0, u1 - u0, p, values.device)
+            m = subset_mask(seed, search, k_start, K, offset_from_arg(unit_offset) + u0, u1 - u0, p,
+                            values.device)
         out[u0:u1] = m.float().t() @ vals
     return out
 

@@ -8,7 +8,7 @@ from typing import Union
 import torch
 
 from .errors import InputMismatchError, require_option
-from .hashing import check_u32, subset_mask
+from .hashing import check_u32, check_units, subset_mask
 
 GRANULARITIES = ("neuron", "weight")
 
@@ -30,7 +30,7 @@ class SubsetMasks:
     num_subsets: int
     """Number of subsets in this block (the K of the op's output)."""
     unit_offset: int
-    """Global index of this layer's first unit in the model's unit layout."""
+    """Global index of this layer's first unit in the model's unit layout (uint64)."""
     prob: Union[float, torch.Tensor]
     """Inclusion probability: a scalar, or one float32 value per unit of this layer."""
     granularity: str = "weight"
@@ -42,8 +42,7 @@ class SubsetMasks:
             check_u32(name, getattr(self, name))
         if self.num_subsets < 1:
             raise InputMismatchError(f"num_subsets must be >= 1, got {self.num_subsets}")
-        if self.unit_offset < 0:
-            raise InputMismatchError(f"unit_offset must be >= 0, got {self.unit_offset}")
+        check_units(self.unit_offset, 0)
         if not isinstance(self.prob, torch.Tensor):
             if not 0.0 <= float(self.prob) <= 1.0:
                 raise InputMismatchError(f"inclusion probability must be in [0, 1], got {self.prob}")

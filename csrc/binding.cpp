@@ -63,7 +63,8 @@ bingo::MaskArgs mask_args(const OptTensor& explicit_masks, const OptTensor& prob
   m.prob_scalar = static_cast<float>(prob_scalar);  // the spec's float32(p): round to nearest
   m.key_base = bingo::key_base(u32(seed, "seed"), u32(search, "search"));
   m.k_start = u32(k_start, "k_start");
-  TORCH_CHECK(unit_offset >= 0, "unit_offset must be non-negative, got ", unit_offset);
+  // The uint64 offset travels as the int64 with the same bits (bingo_kernels.hashing.offset_arg);
+  // the conversion back is modulo 2**64, defined for every value.
   m.unit_offset = static_cast<uint64_t>(unit_offset);
   return m;
 }

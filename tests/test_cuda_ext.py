@@ -102,14 +102,17 @@ def _f32_bits(value: float) -> int:
 
 
 def _hash_cases(rng: random.Random):
-    """Fresh random cases: unit offsets past 2**32 and across a 2**32 boundary, subset indices that
-    wrap mod 2**32, scalar and per-unit probabilities (with exact 0 and 1 entries)."""
+    """Fresh random cases: unit offsets past 2**32, across a 2**32 boundary and past 2**63 (the
+    spec's unit index is uint64), subset indices that wrap mod 2**32, scalar and per-unit
+    probabilities (with exact 0 and 1 entries)."""
     u32 = lambda: rng.randrange(2**32)  # noqa: E731
     cases = [
         (u32(), u32(), u32(), 5, rng.randrange(2**20), 300, rng.random()),
         (u32(), u32(), 2**32 - 3, 6, 2**32 - 150, 300, rng.random()),  # k and units wrap
         (u32(), u32(), u32(), 4, rng.randrange(2**32, 2**50), 257, "per-unit"),
         (u32(), u32(), u32(), 3, 3 * 2**32 - 1, 129, rng.random()),      # carry into hi32
+        (u32(), u32(), u32(), 3, 2**63 - 100, 300, rng.random()),        # past int64
+        (u32(), u32(), u32(), 3, 2**64 - 129, 129, rng.random()),        # last uint64 indices
         (u32(), u32(), 0, 2, 0, 64, 0.0), (u32(), u32(), 0, 2, 0, 64, 1.0),
     ]
     for seed, search, k_start, K, offset, U, p in cases:

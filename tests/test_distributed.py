@@ -72,9 +72,10 @@ def _train(options, *, steps=range(STEPS), search=None, model=None, search_batch
 
 
 def _comparable(state):
-    """A state_dict without the wall-time fields (each rank's own)."""
+    """A state_dict without the wall-time fields (each rank's own) and the checksum (over them)."""
     state = dict(state)
     state.pop("seconds")
+    state.pop("checksum")
     state["history"] = [{k: v for k, v in r.items() if k != "seconds"} for r in state["history"]]
     return state
 
@@ -128,6 +129,13 @@ def _worker_main(rank, store, out):
         _, search = _train(dict(CONFIGS[0][1], sync_batch="broadcast"),
                            search_batches=_batches(offset=10 * rank) if rank else None)
         results["broadcast"] = search.state_dict()
+        # Broadcast from rank 0's search_data (rank 1 has none): every rank records rank 0's
+        # position in it, so that any rank's state resumes it.
+        search = TicketSearch(_model(), seed=3, sync_batch="broadcast",
+                              search_data=_batches()[:4] if rank == 0 else None, **CONFIGS[0][1])
+        for _ in range(STEPS):
+            search.step()
+        results["broadcast_data"] = search.state_dict()
 
         outcomes = {}
         model = _model()
@@ -257,6 +265,10 @@ def test_resume_mid_run_and_broadcast(main_run):
     _assert_states_close(main_run[0]["results"]["resumed"], single.state_dict())
     # With sync_batch="broadcast", rank 1 searched on rank 0's batches, not its own.
     _assert_states_close(main_run[1]["results"]["broadcast"], single.state_dict())
+    # ... and recorded rank 0's position in its search_data (6 batches of 4: 2 into a pass).
+    states = [main_run[rank]["results"]["broadcast_data"] for rank in range(WORLD)]
+    assert states[0]["search_data_position"] == 2
+    assert _same(_comparable(states[0]), _comparable(states[1]))
 
 
 def test_mismatches_raise_on_every_rank(main_run):

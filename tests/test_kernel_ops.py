@@ -85,6 +85,28 @@ def test_explicit_neuron_masks_and_per_unit_probability(backend):
     assert torch.allclose(y.double(), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("offset", [2**63 - 20, 2**64 - 60])
+def test_unit_offsets_past_int64_match_the_spec(backend, offset):
+    """Unit indices are uint64 in the spec: offsets at and past 2**63 (beyond int64) reach every
+    backend through the ops and regenerate the spec's masks."""
+    x, w, w0 = torch.randn(6, 10), torch.randn(6, 10), torch.randn(6, 10)
+    b, b0 = torch.randn(6), torch.randn(6)
+    for granularity, units in (("neuron", 6), ("weight", 60)):
+        spec = SubsetMasks(3, 1, 0, 4, offset, 0.5, granularity)
+        y = bk.masked_reset_linear(x, w, w0, b, b0, spec, backend=backend)
+        ref = _oracle_linear(x, w, w0, b, b0, spec.materialize(units), granularity)
+        assert torch.allclose(y.double(), ref, atol=1e-5), granularity
+    values = torch.randn(4, 3)
+    spec = SubsetMasks(3, 1, 0, 4, offset, 0.5, "weight")
+    sums = bk.subset_unit_sums(values, spec, 60, backend=backend)
+    assert torch.allclose(sums.double(), spec.materialize(60).double().t() @ values.double(),
+                          atol=1e-5)
+    with pytest.raises(InputMismatchError, match="2\\*\\*64"):
+        bk.subset_unit_sums(values, SubsetMasks(3, 1, 0, 4, 2**64 - 59, 0.5), 60,
+                            backend=backend)
+
+
 def test_non_contiguous_inputs():
     x = torch.randn(12, 6).t()  # (6, 12), non-contiguous
     w = torch.randn(12, 5).t()  # (5, 12)

@@ -45,6 +45,33 @@ def test_matches_pure_python_spec(seed, search, k_start, offset, p):
 
 
 @pytest.mark.parametrize("impl", [hashing._subset_mask_numpy, hashing._subset_mask_torch])
+@pytest.mark.parametrize("offset", [2**63 - 150, 2**64 - 300])
+def test_unit_indices_are_uint64(impl, offset):
+    """The spec's unit index is uint64: past 2**63 (where int64 ends) and up to 2**64 - 1."""
+    K, U = 3, 300
+    got = impl(7, 3, 0, K, offset, hashing.inclusion_threshold(0.4, U))
+    expected = torch.tensor([[_oracle(7, 3, k, offset + u, 0.4) for u in range(U)]
+                             for k in range(K)])
+    assert torch.equal(got, expected)
+
+
+def test_unit_range_past_2_64_is_refused():
+    subset_mask(0, 0, 0, 2, 2**64 - 5, 5, 0.5)  # the last five uint64 indices
+    with pytest.raises(InputMismatchError, match="2\\*\\*64"):
+        subset_mask(0, 0, 0, 2, 2**64 - 5, 6, 0.5)
+    with pytest.raises(InputMismatchError, match="unit_offset"):
+        SubsetMasks(0, 0, 0, 2, 2**64, 0.5)
+    with pytest.raises(InputMismatchError, match="unit_offset"):
+        SubsetMasks(0, 0, 0, 2, -1, 0.5)
+
+
+def test_op_offset_argument_round_trips_every_uint64():
+    for offset in (0, 1, 2**31, 2**63 - 1, 2**63, 2**64 - 1):
+        arg = hashing.offset_arg(offset)
+        assert -2**63 <= arg < 2**63 and hashing.offset_from_arg(arg) == offset
+
+
+@pytest.mark.parametrize("impl", [hashing._subset_mask_numpy, hashing._subset_mask_torch])
 @pytest.mark.parametrize("prob", [0.3, "per-unit"])
 def test_both_implementations_match_the_oracle(impl, prob):
     """The numpy (CPU) and int64-emulation (other devices) paths are the same spec."""

@@ -290,6 +290,44 @@ def test_eval_fn_error_leaves_inplace_model_restored():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("fails", ["raises", "returns NaN"])
+def test_eval_fn_failure_at_a_sparsity_leaves_inplace_model_as_it_came(fails):
+    """With sparsity= the pruned model is evaluated after its torch prune masks are applied; a
+    failure there used to leave the caller's model pruned."""
+    model = mlp()
+    params = dict(model.named_parameters())
+    before = {k: v.detach().clone() for k, v in params.items()}
+    calls = []
+
+    def failing(m):
+        calls.append(1)
+        if len(calls) == 2:  # the pruned model's evaluation
+            if fails == "raises":
+                raise RuntimeError("boom")
+            return float("nan")
+        return 1.0
+
+    with pytest.raises((RuntimeError, NonFiniteError)):
+        prune(model, weight_scores(model), sparsity=0.5, eval_fn=failing, inplace=True,
+              progress=False)
+    assert len(calls) == 2
+    assert not torch_prune.is_pruned(model)
+    assert dict(model.named_parameters()) == params  # the same parameter objects ...
+    assert all(torch.equal(p, before[k]) for k, p in params.items())  # ... and values
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    prune(model, weight_scores(model), sparsity=0.5, inplace=True, progress=False)  # still usable
+
+
+def test_meta_tensors_are_refused_before_anything_runs():
+    model = mlp()
+    scores = weight_scores(model)
+    with pytest.raises(InputMismatchError, match="'0.weight' is on the meta device"):
+        prune(mlp().to("meta"), scores, sparsity=0.5, progress=False)
+    meta_scores = {k: v.to("meta") for k, v in scores.items()}
+    with pytest.raises(InputMismatchError, match="score '0.weight' is on the meta device"):
+        prune(model, meta_scores, sparsity=0.5, progress=False)
+
+
 @pytest.mark.parametrize(
     "value, error", [(float("nan"), NonFiniteError), ("high", InvalidOptionError)]
 )

@@ -1,5 +1,7 @@
 """TicketSearch end to end: estimators on models with known important units, paths, resume, errors."""
 
+import copy
+import io
 import warnings
 
 import pytest
@@ -8,9 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import bingo
-from bingo import (CheckpointError, InputMismatchError, InvalidOptionError, NoPrunableLayersError,
+import bingo_kernels as bk
+from bingo import (InputMismatchError, InvalidOptionError, NoPrunableLayersError,
                    NonFiniteError, TicketSearch)
 from bingo.models import lenet5, lenet_300_100
+from bingo.executor import BatchedEvaluator, Design
+from bingo.units import find_units
 
 IMPORTANT = 4  # hidden neurons 0..3 carry the signal; 4..15 feed nothing
 
@@ -221,6 +226,152 @@ def test_search_leaves_model_untouched_and_restores_mode():
     assert all("forward" not in vars(m) for m in model.modules())
 
 
+# --- shared modules, and the model after a search ----------------------------------------------
+
+class CalledTwice(nn.Module):
+    """One Linear applied twice in a forward (one name)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mid, self.out = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        return self.out(torch.relu(self.mid(torch.relu(self.mid(h)))))
+
+
+def _registered_twice():
+    """One Linear registered under two names ("2" and "4") of an nn.Sequential."""
+    shared = nn.Linear(8, 8)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), shared, nn.ReLU(), shared, nn.ReLU(),
+                         nn.Linear(8, 3))
+
+
+def _oracle_losses(model, search, x, y, search_index=0):
+    """Per-subset loss of a copy of the model into which each subset's reset is written (the
+    shared module is one module in the copy too, so one reset reaches every use)."""
+    cfg, layout = search.config, search.layout
+    losses = []
+    for k in range(cfg.subsets):
+        copy_ = copy.deepcopy(model)
+        params = dict(copy_.named_parameters())
+        with torch.no_grad():
+            for g in layout.groups:
+                mask = bk.subset_mask(cfg.seed, search_index, k, 1, g.offset, g.num_units,
+                                      cfg.fraction)[0]
+                for name in g.tensors():
+                    p = params[name]
+                    if layout.granularity == "neuron":  # a row with its bias entry
+                        m = mask.view(-1, *([1] * (p.dim() - 1)))
+                    elif name == g.param_name:  # weight units leave the bias trained
+                        m = mask.view(p.shape)
+                    else:
+                        continue
+                    p.copy_(torch.where(m, search.init[name], p))
+        losses.append(F.cross_entropy(copy_.eval()(x).double(), y).item())
+    return torch.tensor(losses, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("path", ["auto", "vmap"])
+@pytest.mark.parametrize("granularity", ["weight", "neuron"])
+@pytest.mark.parametrize("factory", [_registered_twice, CalledTwice],
+                         ids=["registered-twice", "called-twice"])
+def test_shared_module_is_searched_once_and_the_model_stays_intact(factory, granularity, path):
+    """A module used at two places: one group, its units counted once, each subset's reset
+    applied at both uses (equal to writing the reset into a copy), and afterwards the model is
+    untouched and trains (the vmap path used to leave an escaped vmapped weight in it)."""
+    torch.manual_seed(0)
+    model = factory()
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    params = dict(model.named_parameters())
+    values = {k: v.detach().clone() for k, v in params.items()}
+    search = TicketSearch(model, granularity=granularity, subsets=6, fraction=0.3, metric="loss",
+                          score="attribution", include="*", path=path)
+    assert search.layout.total == sum(g.num_units for g in search.layout.groups) == (
+        (6 * 8 + 8 * 8 + 8 * 3) if granularity == "weight" else 8 + 8 + 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no vmap fallback warning: the fast path agrees
+        record = search.step(x, y)
+    assert search.path == ("fast" if path == "auto" else "vmap")
+    oracle = _oracle_losses(model, search, x, y)
+    assert record["after_loss"] == pytest.approx(float(oracle.mean()), rel=1e-5)
+    values_k = oracle - F.cross_entropy(model(x).double(), y).item()
+    for g in search.layout.groups:
+        masks = bk.subset_mask(0, 0, 0, 6, g.offset, g.num_units, 0.3).double()
+        want = masks.t() @ torch.stack([torch.ones_like(values_k), values_k, values_k ** 2], 1)
+        assert torch.allclose(search.stats.per_unit[g.param_name], want, atol=1e-4), g.name
+    assert dict(model.named_parameters()) == params  # the same objects ...
+    assert all(torch.equal(p, values[k]) for k, p in params.items())  # ... and values
+    torch.save(model.state_dict(), io.BytesIO())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    search.step(x, y)
+
+
+def test_tied_parameters_of_two_layers_are_one_group_reset_at_both_uses():
+    """A weight shared by two layers is one set of units (one score key, the canonical name),
+    and a reset of it reaches both layers: the batched losses equal a copy-and-run oracle."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    model[2].weight = model[0].weight
+    model = model.double()
+    layout = find_units(model, "neuron")
+    assert [g.param_name for g in layout.groups] == ["0.weight"]
+    init = {n: p.detach().clone() + 0.5 for n, p in model.named_parameters()}
+    design = Design(5, 0, 4, {"0.weight": 0.4})
+    x, y = torch.randn(6, 8, dtype=torch.float64), torch.randint(0, 3, (6,))
+    evaluator = BatchedEvaluator(model, layout, backend="torch")
+    with pytest.warns(UserWarning, match="vmap"):
+        got = evaluator.subsets(x, y, design, init)
+    masks = design.unit_masks(layout, layout.groups[0], 0, 4)
+    for k in range(4):
+        blended = copy.deepcopy(model)
+        with torch.no_grad():
+            rows = masks[k]
+            blended[0].weight[rows] = init["0.weight"][rows]   # blended[2] shares it
+            blended[0].bias[rows] = init["0.bias"][rows]
+            loss = F.cross_entropy(blended(x), y)
+        torch.testing.assert_close(got.loss[k].double(), loss, rtol=1e-5, atol=1e-6)
+
+
+def test_model_is_kept_as_it_was_whatever_the_search_does():
+    """Modes per module (a frozen batch norm stays in eval mode), an instance forward the user
+    set (a wrapper's hook), parameter objects; also when the search raises. A failed call
+    leaves the search's counters as they were."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    model.train()
+    model[1].eval()  # frozen statistics while the rest trains
+    wrapped = model[3].forward
+    model[3].forward = lambda h: wrapped(h)  # as accelerate-style hooks do
+    user_forward = model[3].forward
+    params = dict(model.named_parameters())
+    search = TicketSearch(model, subsets=4, fraction=0.3)
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    for inputs in (x, torch.full_like(x, float("nan"))):
+        try:
+            search.step(inputs, y)
+        except bingo.NonFiniteError:
+            assert inputs.isnan().all() and search.calls == 1 and search.searches == 1
+        assert [m.training for m in model.modules()] == [True, True, False, True, True]
+        assert vars(model[3])["forward"] is user_forward
+        assert all("forward" not in vars(m) for i, m in enumerate(model) if i != 3)
+        assert dict(model.named_parameters()) == params
+
+
+def test_replaced_layer_is_refused_at_the_next_search():
+    torch.manual_seed(0)
+    model = lenet_300_100(in_features=16)
+    search = TicketSearch(model, subsets=2)
+    x, y = torch.randn(4, 16), torch.randint(0, 10, (4,))
+    search.step(x, y)
+    model[3] = nn.Linear(300, 100)  # e.g. a re-initialised or shrunk layer
+    with pytest.raises(InputMismatchError, match="layer '3' is no longer the model's"):
+        search.step(x, y)
+    assert search.searches == 1 and search.calls == 1
+
+
 # --- schedule: every, rewind, search data ---------------------------------------------------------
 
 def _train(model, search, steps, seed=0, lr=0.05):
@@ -298,35 +449,6 @@ def test_state_dict_round_trip_resumes_identically(tmp_path):
         assert torch.equal(uninterrupted.coverage[key], resumed.coverage[key])
 
 
-def test_load_state_dict_rejects_other_model_config_and_corrupt_files(tmp_path):
-    torch.manual_seed(0)
-    model = lenet_300_100(in_features=16)
-    s = TicketSearch(model, subsets=4)
-    s.step(torch.randn(8, 16), torch.randint(0, 10, (8,)))
-    state = s.state_dict()
-    with pytest.raises(CheckpointError, match="different model"):
-        TicketSearch(lenet_300_100(in_features=20), subsets=4).load_state_dict(state)
-    with pytest.raises(CheckpointError, match="subsets"):
-        TicketSearch(model, subsets=8).load_state_dict(state)
-    with pytest.raises(CheckpointError, match="format"):
-        TicketSearch(model, subsets=4).load_state_dict({"stats": {}})
-    broken = dict(state, stats={k: v[:3] for k, v in state["stats"].items()})
-    with pytest.raises(CheckpointError, match="corrupt"):
-        TicketSearch(model, subsets=4).load_state_dict(broken)
-    incomplete = {k: v for k, v in state.items() if k != "totals"}
-    with pytest.raises(CheckpointError, match="incomplete"):
-        TicketSearch(model, subsets=4).load_state_dict(incomplete)
-    path = tmp_path / "s.pt"
-    s.save(path)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="corrupt"):
-        TicketSearch(model, subsets=4).load(path)
-    path.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="corrupt"):
-        TicketSearch(model, subsets=4).load(path)
-
-
 # --- bad input -----------------------------------------------------------------------------------
 
 def test_no_prunable_layers():
@@ -374,6 +496,73 @@ def test_input_mismatches_are_named():
         s.step(torch.randn(4, 16), torch.rand(4))
     with pytest.raises(InputMismatchError, match="two tensors"):
         s.step()
+
+
+def test_batches_with_nothing_to_measure_are_refused():
+    """An empty batch, or one whose targets are all padding, is not a search with zero damage."""
+    model = lenet_300_100(in_features=16)
+    s = TicketSearch(model, subsets=2, metric="loss", score="attribution")
+    with pytest.raises(InputMismatchError, match="empty"):
+        s.step(torch.randn(0, 16), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(InputMismatchError, match="ignore index -100"):
+        s.step(torch.randn(4, 16), torch.full((4,), -100))
+    assert s.calls == 0 and s.searches == 0 and not s.history
+    held_out = [(torch.randn(0, 16), torch.zeros(0, dtype=torch.long))]
+    with pytest.raises(InputMismatchError, match="empty"):
+        TicketSearch(model, subsets=2, search_data=held_out).step()
+
+
+def test_attribution_needs_units_left_out_of_some_subsets():
+    model = lenet_300_100(in_features=16)
+    with pytest.raises(InvalidOptionError, match="fraction of 1.0 puts a unit in every subset"):
+        TicketSearch(model, subsets=4, fraction=1.0, score="attribution")
+    p = torch.full((300,), 0.2)
+    p[7] = 1.0
+    with pytest.raises(InvalidOptionError, match="attribution"):
+        TicketSearch(model, granularity="neuron", subsets=4,
+                     fraction={"1.weight": p, "3.weight": torch.full((100,), 0.2)},
+                     score="attribution")
+    TicketSearch(model, subsets=4, fraction=1.0, score="seed")  # defined for the seed score
+
+
+def test_warning_says_when_units_were_sampled_but_have_no_estimate():
+    """Units in every subset so far have no attribution estimate: the warning says so, rather
+    than claiming that no unit was sampled."""
+    model, x, y = _known_model()
+    s = TicketSearch(model, granularity="neuron", subsets=1, fraction=0.9999, metric="loss",
+                     score="attribution", include=["0"])
+    s.step(x, y)
+    assert (s.stats.per_unit["0.weight"][:, 0] > 0).all()  # every unit sampled
+    with pytest.warns(UserWarning, match="no unit has an estimate yet .*subsets that do not"):
+        s.significance()
+
+
+def test_meta_model_is_refused_before_anything_runs():
+    model = lenet_300_100(in_features=16).to("meta")
+    for reset in ("init", "zero"):
+        with pytest.raises(InputMismatchError, match="'1.weight' is on the meta device"):
+            TicketSearch(model, subsets=2, reset=reset)
+
+
+class CappedBatch(nn.Module):
+    """Evaluates at most 64 rows at a time (a fixed-size buffer, say)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 10), nn.Linear(10, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))[:64]
+
+
+def test_fast_path_failure_after_the_path_was_chosen_is_a_bingo_error():
+    """The path is chosen on 2 subsets; a later block of subsets that does not fit raised the
+    executor's internal exception."""
+    torch.manual_seed(0)
+    s = TicketSearch(CappedBatch(), subsets=12, fraction=0.3, metric="loss", include="*")
+    with pytest.raises(InputMismatchError, match="fast path cannot evaluate .*path='vmap'"):
+        s.step(torch.randn(16, 6), torch.randint(0, 4, (16,)))
+    assert s.path == "fast" and s.searches == 0
 
 
 def test_nan_weights_and_nan_metrics_are_named():

@@ -97,6 +97,8 @@ MASK_CASES = [  # seed, search, k_start, K, unit_offset, units, prob
     (2**32 - 1, 2**32 - 1, 2**31, 4, 2**40 + 3, 257, 0.3),
     (5, 5, 2**32 - 4, 4, 2**32 - 100, 300, 0.5),        # units cross a 2**32 boundary
     (77, 1, 0, 6, 3 * 2**32 - 1, 129, "per-unit"),       # carry into the high half at unit 1
+    (31, 2, 0, 3, 2**63 - 100, 300, 0.4),                # units cross 2**63 (past int64)
+    (31, 2, 0, 3, 2**64 - 129, 129, 0.4),                # the last uint64 unit indices
     (9, 0, 0, 2, 0, 64, 0.0), (9, 0, 0, 2, 0, 64, 1.0),
 ]
 

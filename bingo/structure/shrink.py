@@ -168,6 +168,10 @@ def _replace_mha(model: nn.Module, name: str) -> None:
     mha = model.get_submodule(name)
     if isinstance(mha, PrunedMultiheadAttention) or not isinstance(mha, nn.MultiheadAttention):
         return
+    if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+        raise InputMismatchError(
+            f"cannot shrink attention block {name!r}: nn.MultiheadAttention with kdim/vdim, "
+            "add_bias_kv or add_zero_attn has no smaller counterpart in bingo")
     inner = mha.out_proj.in_features
     heads = mha.num_heads  # already scaled to the heads kept
     embed = mha.in_proj_weight.shape[1]

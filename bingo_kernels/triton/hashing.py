@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..hashing import MASK32, PROB_SCALE, SEED_SALT, inclusion_threshold, mix32_int
+from ..hashing import (MASK32, PROB_SCALE, SEED_SALT, inclusion_threshold, mix32_int,
+                       offset_from_arg)
 
 # Spec constants (see bingo_kernels.hashing); repeated as constexprs for the jitted code.
 MIX_MUL1: tl.constexpr = tl.constexpr(0x7FEB352D)
@@ -49,9 +50,11 @@ def key_base(seed: int, search: int) -> int:
 
 
 def hash_args(seed: int, search: int, k_start: int, unit_offset: int) -> tuple[int, int, int, int]:
-    """The four int32 kernel arguments describing a block of hashed masks."""
-    return (as_i32(key_base(seed, search)), as_i32(k_start), as_i32(unit_offset & MASK32),
-            as_i32(unit_offset >> 32))
+    """The four int32 kernel arguments describing a block of hashed masks (``unit_offset``: the
+    uint64 offset, or the op argument carrying it)."""
+    offset = offset_from_arg(unit_offset)
+    return (as_i32(key_base(seed, search)), as_i32(k_start), as_i32(offset & MASK32),
+            as_i32(offset >> 32))
 
 
 @triton.jit
