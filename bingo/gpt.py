@@ -96,6 +96,11 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(d_model)
         self.lm_head = nn.Linear(d_model, vocab)
 
+    def bingo_example_inputs(self) -> Tensor:
+        """One sequence of token ids, for bingo's structure trace."""
+        return torch.zeros(1, self.pos.num_embeddings, dtype=torch.long,
+                           device=self.tok.weight.device)
+
     def forward(self, idx: Tensor) -> Tensor:
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
         for block in self.blocks:

@@ -35,7 +35,7 @@ def group_row_norms(group: UnitGroup) -> Tensor:
 def group_unit_norms(group: UnitGroup) -> Tensor:
     """L2 norm of each structured unit of a group: its output row with bias, or, for an
     attention block, everything a head owns (q/k/v rows with their biases and o columns)."""
-    if group.heads is None:
+    if group.structure is None:
         return group_row_norms(group)
     squares = {name: t.detach().double().pow(2) for name, t in group.tensors().items()}
     return head_totals(group.heads, squares).sqrt().to(group.module.weight.device)

@@ -96,10 +96,14 @@ class Structure:
 # --------------------------------------------------------------------------------------------
 
 def example_inputs_for(model: nn.Module) -> Any:
-    """A small input the model accepts, built from what the model says about itself: a
-    transformers model's config (``input_ids`` of its vocabulary; ``pixel_values`` of its image
-    size and channels), or the first layer of a plain model (an nn.Linear's ``in_features``).
-    Raises naming what to pass otherwise."""
+    """A small input the model accepts, built from what the model says about itself: its own
+    ``bingo_example_inputs()`` method if it has one, a transformers model's config
+    (``input_ids`` of its vocabulary; ``pixel_values`` of its image size and channels), or the
+    first layer of an nn.Sequential (an nn.Linear's ``in_features``). Raises naming what to pass
+    otherwise."""
+    own = getattr(model, "bingo_example_inputs", None)
+    if callable(own):
+        return own()
     config = getattr(model, "config", None)
     name = getattr(model, "main_input_name", None)
     param = next(model.parameters(), None)
