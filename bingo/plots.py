@@ -79,7 +79,7 @@ def _figure(size=(6.4, 4.4)) -> Figure:
     return figure
 
 
-def _plain_log_axis(axis, subs: Optional[tuple[float, ...]] = None) -> None:
+def plain_log_axis(axis, subs: Optional[tuple[float, ...]] = None) -> None:
     """Label log-scale ``axis`` with plain numbers at ``subs`` times each power of ten (default:
     as many as its range leaves room for; call it after the data is drawn)."""
     if subs is None:
@@ -233,7 +233,7 @@ def cost_bars(path: Union[str, os.PathLike], groups: Mapping[str, Mapping[str, f
         ax.set_yticks(range(len(names)), names, fontsize=9)
         ax.set_xscale("log")
         ax.set_xlim(FREE_SECONDS / 2, top * 8)
-        _plain_log_axis(ax.xaxis, subs=(1.0,))
+        plain_log_axis(ax.xaxis, subs=(1.0,))
         ax.set_xlabel(xlabel)
         ax.set_title(group)
         ax.grid(True, axis="x", alpha=0.3)
@@ -249,7 +249,7 @@ def histograms(path: Union[str, os.PathLike], values: Mapping[str, Sequence[floa
     for ax, (name, data) in zip(axes, values.items()):
         ax.hist(list(data), bins=bins, color="tab:blue", alpha=0.8)
         ax.set_yscale("log")
-        _plain_log_axis(ax.yaxis)
+        plain_log_axis(ax.yaxis)
         ax.set_title(name)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("units")
@@ -269,7 +269,7 @@ def metric_vs_sparsity(path: Union[str, os.PathLike], sparsities: Sequence[float
     figure, ax, _ = _curves_axes(sparsities, curves, reference)
     if log:
         ax.set_yscale("log")
-        _plain_log_axis(ax.yaxis)
+        plain_log_axis(ax.yaxis)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

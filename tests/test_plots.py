@@ -41,7 +41,7 @@ def test_log_axes_read_as_plain_numbers():
     ax.plot([0, 1], [6.4, 22.5])
     ax.set_yscale("log")
     ax.set_ylim(6, 25)
-    plots._plain_log_axis(ax.yaxis)
+    plots.plain_log_axis(ax.yaxis)
     labels = [ax.yaxis.get_major_formatter()(v)
               for v in ax.yaxis.get_majorticklocs() if 6 <= v <= 25]
     assert labels == ["7", "10", "15", "20"]  # not 2.25×10^1
