@@ -45,7 +45,7 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "demo": Command(
         help="train LeNet-300-100 with a ticket search, prune it, compare with baselines "
-             "(about 20 s)",
+             "(about 30 s)",
         module="bingo.demo",
         description="BINGO end to end on scikit-learn's bundled digits (no download): train "
                     "LeNet-300-100 with a ticket search, prune it to an accuracy floor, and "

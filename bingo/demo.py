@@ -1,4 +1,4 @@
-"""``bingo demo``: BINGO end to end on a small dataset, in about 20 seconds on a laptop CPU.
+"""``bingo demo``: BINGO end to end on a small dataset, in about half a minute on 2 CPU cores.
 
 Steps (:mod:`bingo.demo_pipeline`): split the dataset 60/20/20 (train/val/test), train
 LeNet-300-100 with a :class:`bingo.TicketSearch` attached, prune the trained model in one shot to
@@ -33,7 +33,7 @@ PLOT_NAME = "accuracy_vs_sparsity.png"
 
 @dataclass
 class DemoConfig:
-    """Hyper-parameters of the demo. The defaults take about 20 s on 2 CPU cores."""
+    """Hyper-parameters of the demo. The defaults take 21-34 s on 2 CPU cores (measured)."""
 
     granularity: str = "weight"
     """Unit that is searched and pruned: ``"weight"`` or ``"neuron"``."""
@@ -224,7 +224,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --score seed: keep the paper formula's own ordering "
                              "(an ablation; see docs/guide.md)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test in about 5 s: "
+                        help="smoke test in about 10 s: "
                              + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()
                                          if k != "quick")
                              + " (flags you give still win)")

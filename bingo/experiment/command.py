@@ -29,8 +29,8 @@ def _quick_help() -> str:
         imp_rounds=_per_granularity(QUICK["imp_rounds"]), criteria=_names(QUICK["criteria"]),
         ablations=_names(QUICK["ablations"]), sparsities=" ".join(map(str, QUICK["sparsities"])),
         finetune=f"{QUICK['finetune_epochs']} epoch at {QUICK['finetune_sparsities'][0]:g}")
-    return ("every step of the experiment in about a minute on 2 CPU cores (a smoke test, not a "
-            "result): " + "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in shown.items())
+    return ("every step of the experiment in about 75 s of CPU time (2-2.5 min of wall time "
+            "measured on 2 shared CPU cores; a smoke test, not a result): " + "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in shown.items())
             + ". Flags you give still win.")
 
 
