@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import urllib.parse
 import urllib.request
 import zlib
 from dataclasses import dataclass, field
@@ -257,7 +258,9 @@ def _download(filename: str, dest_dir: Path) -> tuple[Path | None, list[str]]:
             with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
                 payload = response.read()
         except Exception as exc:  # noqa: BLE001 - any network failure means "try the next one"
-            failures.append(f"{url}: {type(exc).__name__}: {exc}")
+            reason = getattr(exc, "reason", None) or exc  # URLError wraps the socket error
+            failures.append(f"{urllib.parse.urlsplit(url).netloc}: "
+                            f"{getattr(reason, 'strerror', None) or reason}")
             continue
         found = _md5(payload)
         if expected is not None and found != expected:
@@ -279,30 +282,20 @@ def _download(filename: str, dest_dir: Path) -> tuple[Path | None, list[str]]:
 
 def _locate(base: str, root: Path, origin: str, download: bool) -> Path:
     """Path of one MNIST file, downloading it if allowed; a clear DataError otherwise."""
-    hint = (
-        f"put the MNIST IDX files ({base}.gz or {base}) in a directory and pass it as "
-        f"data_dir=... or set {DATA_ENV_VAR}=/path/to/data (the directory itself or its mnist/ "
-        f"subfolder is searched)"
-    )
-    found, tried = _find(root, base)
+    found, _ = _find(root, base)
     if found is not None:
         _verify_md5(found)
         return found
-    looked = ", ".join(str(p) for p in tried)
-    if not root.is_dir():
-        looked += f" ({root} does not exist)"
+    missing = (f"MNIST file {base}[.gz] is neither in {root} nor in its mnist/ folder "
+               f"({origin}{'; the directory does not exist' if not root.is_dir() else ''})")
+    hint = (f"put the MNIST IDX files in a directory and pass it as data_dir=... or set "
+            f"{DATA_ENV_VAR}=/path/to/data (the directory itself or its mnist/ folder is "
+            f"searched)")
     if not download:
-        raise DataError(
-            f"MNIST file {base} not found (data dir {root} from {origin}); looked at: {looked}; "
-            f"download=False; {hint}"
-        )
+        raise DataError(f"{missing}, and download=False; {hint}")
     dest, failures = _download(base + ".gz", _download_dir(root))
     if dest is None:
-        reasons = "; ".join(failures)
-        raise DataError(
-            f"MNIST file {base} not found (data dir {root} from {origin}); looked at: {looked}; "
-            f"download failed: {reasons}; {hint}"
-        )
+        raise DataError(f"{missing}, and the download failed ({'; '.join(failures)}); {hint}")
     return dest
 
 

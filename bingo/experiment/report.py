@@ -530,14 +530,14 @@ def headline(report: dict) -> str:
         lines += ["", f"{granularity} pruning (dense test accuracy "
                       f"{_pm(data['dense_test'], digits=2)}%):",
                   f"  {'method':<24}{f'sparsity @-{drop}pt':>16}{'test acc there':>16}"
-                  f"{f'acc @{float(at) * 100:g}%':>14}{'extra s':>10}"]
+                  f"{f'acc @{float(at) * 100:g}%':>16}{'extra s':>14}"]
         for name in names:
             r = methods[name]
             floor = r["floors"][key]
             lines.append(f"  {name:<24}{_pm(floor['sparsity']):>16}"
                          f"{_pm(floor['test_accuracy'], digits=2):>16}"
-                         f"{_pm(r['curve'].get(at), digits=2):>14}"
-                         f"{_pm(r['extra_seconds'], 1.0):>10}")
+                         f"{_pm(r['curve'].get(at), digits=2):>16}"
+                         f"{_pm(r['extra_seconds'], 1.0):>14}")
     files = report["files"]
     lines += ["", f"sparsity: share of units pruned (validation accuracy within {drop} pt of "
                   f"dense); IMP: its own retrained network. All methods, fine-tuning, overlap "
