@@ -23,21 +23,29 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+
+from bingo.plots import panel_styles, plain_log_axis  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-# Fixed colours so a provider looks the same in every figure.
-COLOURS = {"naive_loop": "tab:gray", "torch_backend": "tab:blue", "vmap": "tab:orange",
-           "torch_compile": "tab:purple", "bmm_ceiling": "black", "mask_hash": "tab:brown",
-           "triton_backend": "tab:green", "cuda_backend": "tab:red",
-           "ticket_search": "tab:blue", "ticket_search_vmap": "tab:orange"}
-STYLES = {"bmm_ceiling": "--", "mask_hash": ":"}
+PROVIDERS = ("naive_loop", "torch_backend", "vmap", "torch_compile", "bmm_ceiling", "mask_hash",
+             "triton_backend", "cuda_backend", "ticket_search", "ticket_search_vmap")
+"""Known providers, in legend order; within a figure each gets its own colour and line style."""
+COLUMNS = 2
+"""Panels per row."""
 
 
 def read_rows(paths) -> list[dict]:
+    """The timing rows of the benchmark CSVs; other CSVs (kernel_resources.py's tables) are
+    skipped with a note."""
     rows = []
     for p in paths:
         with open(p, newline="") as f:
-            rows += list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            if "metric" not in (reader.fieldnames or ()):
+                print(f"skipped {p}: not a timing table", file=sys.stderr)
+                continue
+            rows += list(reader)
     return rows
 
 
@@ -66,26 +74,40 @@ def plot(rows: list[dict], out_dir: Path, all_runs: bool = False) -> list[Path]:
     for (kernel, device, device_name, what, dtype, gran, run), rs in sorted(figures.items()):
         panels = sorted({(r["input"], int(r["batch"])) for r in rs},
                         key=lambda p: (p[0] != "shared", p[1]))
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.0), squeeze=False,
-                                 sharey=True)
-        for ax, (inp, batch) in zip(axes[0], panels):
+        providers = sorted({r["provider"] for r in rs},
+                           key=lambda p: PROVIDERS.index(p) if p in PROVIDERS else len(PROVIDERS))
+        styles = panel_styles(providers)
+        columns = min(COLUMNS, len(panels))
+        rows_ = -(-len(panels) // columns)
+        fig, axes = plt.subplots(rows_, columns, figsize=(5.6 * columns, 4.2 * rows_),
+                                 squeeze=False, sharey=True)
+        for ax in axes.ravel()[len(panels):]:
+            ax.set_visible(False)
+        for ax, (inp, batch) in zip(axes.ravel(), panels):
             series = defaultdict(list)
             for r in rs:
                 if r["input"] == inp and int(r["batch"]) == batch:
                     series[r["provider"]].append((int(r["subsets"]), float(r["value"])))
-            for provider, pts in series.items():
-                pts.sort()
-                ax.plot([k for k, _ in pts], [v for _, v in pts], marker="o", label=provider,
-                        color=COLOURS.get(provider), linestyle=STYLES.get(provider, "-"))
+            for provider in providers:
+                pts = sorted(series.get(provider, []))
+                if pts:
+                    ax.plot([k for k, _ in pts], [v for _, v in pts], label=provider,
+                            **styles[provider])
             ax.set_xscale("log", base=2)
+            ks = sorted({k for pts in series.values() for k, _ in pts})
+            ax.set_xticks(ks)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_yscale("log")
+            plain_log_axis(ax.yaxis)
             ax.set_xlabel("subsets K")
-            ax.set_title(f"{inp}, B={batch}", fontsize=10)
+            ax.set_title(f"{inp} input, batch {batch}", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
         unit = rs[0]["unit"]
-        axes[0][0].set_ylabel(f"median time ({unit})")
-        axes[0][-1].legend(fontsize=8)
-        fig.suptitle(f"{kernel} {what} {dtype} {gran} — {device_name}"
+        for row in axes:
+            row[0].set_ylabel(f"median time ({unit})")
+        fig.suptitle(f"{kernel} {what} {dtype} {gran}\n{device_name}"
                      f" (torch {rs[0]['torch_version']}, {rs[0]['date'][:10]})", fontsize=10)
         fig.tight_layout()
         name = "_".join(slug(s) for s in (kernel, device, what, dtype, gran, run) if s) + ".png"

@@ -1,22 +1,25 @@
-"""The ``bingo`` command line: ``bingo demo``, ``bingo experiment``, ``bingo --version``.
+"""The ``bingo`` command line: ``bingo demo``, ``bingo experiment``, ``bingo gpt``, ``--version``.
 
-Subcommands live in :data:`COMMANDS`; a new one (``experiment``, ...) is one more entry: a help
-line, a function adding its flags to its parser, and a function running it that returns the exit
-status. Errors bingo raises on purpose (:class:`bingo.errors.BingoError`) print one line to stderr
-and exit with status 2, like argparse's own usage errors; anything else is a bug and keeps its
-traceback.
+Subcommands live in :data:`COMMANDS`; a new one is one more entry: a help line and the module
+that adds its flags (``add_arguments(parser)``) and runs it (``main(args)`` -> exit status).
+Those modules import torch only inside ``main``, so ``bingo --help``, ``bingo demo --help`` and
+argument errors come at once. Errors bingo raises on purpose (:class:`bingo.errors.BingoError`)
+print one line to stderr, with the library's argument names turned into the command's flags
+(``floor_drop`` -> ``--floor-drop``), and exit with status 2, like argparse's own usage errors;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
+import re
 import sys
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
-from bingo import __version__, demo, gpt
-from bingo.experiment import command as experiment
-from bingo.errors import BingoError
+from bingo import __version__
 
 PROG = "bingo"
 USAGE_ERROR = 2
@@ -31,51 +34,100 @@ class Command:
 
     help: str
     """One line shown by ``bingo --help``."""
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    """Adds the subcommand's flags to its parser."""
-    run: Callable[[argparse.Namespace], int]
-    """Runs it with the parsed flags; returns the exit status."""
+    module: str
+    """The torch-free module with ``add_arguments(parser)`` and ``main(args) -> int``."""
     description: Optional[str] = None
     """Longer text for ``bingo <command> --help`` (default: ``help``)."""
+    resumable: bool = False
+    """Whether it saves finished pieces in --out, so that rerunning it resumes."""
 
 
 COMMANDS: dict[str, Command] = {
-    "gpt": Command(
-        help="char-level GPT on Tiny Shakespeare: BINGO on heads + MLP neurons vs magnitude, wanda",
-        add_arguments=gpt.add_arguments, run=gpt.main,
-        description="Train a small character-level GPT on Tiny Shakespeare (--data-dir or "
-                    "$BINGO_DATA) with a structured ticket search attached, prune attention heads "
-                    "and MLP neurons to a validation-perplexity ceiling with BINGO, magnitude and "
-                    "Wanda scores, shrink the models, and report test perplexity vs sparsity."),
     "demo": Command(
-        help="train LeNet-300-100 with a ticket search, prune it, compare with baselines",
-        add_arguments=demo.add_arguments, run=demo.main,
+        help="train LeNet-300-100 with a ticket search, prune it, compare with baselines "
+             "(about 30 s)",
+        module="bingo.demo",
         description="BINGO end to end on scikit-learn's bundled digits (no download): train "
                     "LeNet-300-100 with a ticket search, prune it to an accuracy floor, and "
                     "compare its accuracy-vs-sparsity curve with magnitude and random pruning. "
                     "Writes report.json and a PNG plot into --out."),
     "experiment": Command(
-        help="reproduce the seed paper's MNIST experiment: BINGO vs IMP vs one-shot criteria",
-        add_arguments=experiment.add_arguments, run=experiment.main,
-        description="Train LeNet-300-100 once per seed with ticket searches attached (main "
-                    "setting and ablations), compute every baseline criterion and IMP with "
-                    "rewinding, and report floors, accuracy curves, fine-tuning, cost and overlap "
-                    "with IMP as JSON, markdown and plots in --out. --quick is a smoke test."),
+        help="the MNIST experiment: BINGO, targeted pruning, one-shot criteria and IMP",
+        module="bingo.experiment.command",
+        description="Train an MNIST classifier (LeNet-300-100, or LeNet-5 with --model lenet5) "
+                    "once per seed with ticket searches attached, score it with every "
+                    "criterion (targeted elimination with least-squares refit, magnitude, LAMP, "
+                    "Taylor, ...) and run IMP with rewinding; report floors, accuracy curves, "
+                    "fine-tuning, cost and overlap with IMP as JSON, markdown and plots in "
+                    "--out. Each finished seed is saved at once: rerun the same command to "
+                    "resume an interrupted run.",
+        resumable=True),
+    "gpt": Command(
+        help="char-level GPT on Tiny Shakespeare: BINGO on heads + MLP neurons vs magnitude, "
+             "wanda",
+        module="bingo.gpt",
+        description="Train a small character-level GPT on Tiny Shakespeare (--data-dir or "
+                    "$BINGO_DATA) with a structured ticket search attached, prune attention heads "
+                    "and MLP neurons to a validation-perplexity ceiling with BINGO, magnitude and "
+                    "Wanda scores, shrink the models, and report test perplexity vs sparsity. "
+                    "The trained model and each finished method are saved at once: rerun the "
+                    "same command to resume.",
+        resumable=True),
 }
+
+
+def config_from_args(args: argparse.Namespace, defaults: Any, preset: Mapping[str, Any]) -> Any:
+    """The configuration a command runs with: ``defaults`` (a dataclass), then ``preset`` if
+    ``--quick`` was given, then every flag the user gave, which always wins over the preset.
+    Flags are named after the fields (``--floor-drop`` sets ``floor_drop``) and default to None
+    when not given; list values become tuples."""
+    config = dataclasses.replace(defaults, **preset) if args.quick else defaults
+    given = {}
+    for f in dataclasses.fields(config):
+        value = getattr(args, f.name, None)
+        if value is not None and f.name != "quick":
+            given[f.name] = tuple(value) if isinstance(value, list) else value
+    return dataclasses.replace(config, **given)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every registered subcommand."""
     parser = argparse.ArgumentParser(
-        prog=PROG, description="BINGO pruning: ticket search during training, then one-shot "
-                               "pruning to an accuracy floor.")
+        prog=PROG, description="BINGO pruning: ticket search during training, targeted "
+                               "elimination with least-squares refit, one-shot pruning to an "
+                               "accuracy floor.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
         child = sub.add_parser(name, help=command.help,
                                description=command.description or command.help)
-        command.add_arguments(child)
+        importlib.import_module(command.module).add_arguments(child)
+        child.set_defaults(flags=flag_names(child))
     return parser
+
+
+def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Argument name -> its ``--flag``, for the long options of a (sub)command's parser."""
+    names = {}
+    for action in parser._actions:  # noqa: SLF001 (argparse has no public list of its actions)
+        longs = [s for s in action.option_strings if s.startswith("--")]
+        if longs and action.dest != "help":
+            names.setdefault(action.dest, longs[0])
+    return names
+
+
+def in_flag_words(message: str, flags: dict[str, str]) -> str:
+    """``message`` with the library's argument names written as the command's flags:
+    ``floor_drop must ...`` -> ``--floor-drop must ...``, ``score='seed'`` -> ``--score seed``,
+    ``literal=True`` -> ``--literal``, ``data_dir=...`` -> ``--data-dir ...``."""
+    for name, flag in flags.items():
+        word = rf"(?<![\w.\-'\"]){re.escape(name)}"
+        message = re.sub(rf"{word}=True\b", flag, message)
+        message = re.sub(rf"{word}=(?:'([^']*)'|\"([^\"]*)\"|([^\s,;)]+))",
+                         lambda m: f"{flag} {m.group(1) or m.group(2) or m.group(3)}", message)
+        message = re.sub(rf"(?:^|(?<=\s)){re.escape(name)}(?= must\b| is\b| are\b)", flag,
+                         message)
+    return message
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -85,11 +137,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version and usage errors: argparse already printed
         return exc.code if isinstance(exc.code, int) else USAGE_ERROR
+    command = importlib.import_module(COMMANDS[args.command].module)
     try:
-        return COMMANDS[args.command].run(args)
-    except BingoError as exc:
-        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
-        return USAGE_ERROR
+        return command.main(args)
     except KeyboardInterrupt:
-        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        kept = ("; what finished is saved in --out: rerun the same command to resume"
+                if COMMANDS[args.command].resumable else "")
+        print(f"{PROG} {args.command}: interrupted{kept}", file=sys.stderr)
         return INTERRUPTED
+    except Exception as exc:
+        from bingo.errors import BingoError  # imports torch; the command has done so already
+
+        if not isinstance(exc, BingoError):
+            raise
+        message = in_flag_words(str(exc), args.flags)
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        return USAGE_ERROR

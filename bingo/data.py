@@ -3,8 +3,9 @@
 Every loader returns a :class:`torch.utils.data.TensorDataset` of ``(images, labels)`` with
 images ``float32`` of shape ``(N, 1, H, W)`` in ``[0, 1]`` and labels ``int64`` of shape ``(N,)``.
 
-MNIST is looked up on disk first (``data_dir`` argument, else the ``BINGO_DATA`` environment
-variable) and downloaded only where it is missing. The shared machines hold only the 10k
+MNIST is looked up on disk first (the ``data_dir`` argument, else the ``BINGO_DATA``
+environment variable, else bingo's cache directory ``~/.cache/bingo``) and downloaded into that
+directory where missing, checked against the official MD5 checksums. The shared machines hold only the 10k
 official *test* split, so the experiments split those 10k images (see :func:`split_dataset`).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import urllib.parse
 import urllib.request
 import zlib
 from dataclasses import dataclass, field
@@ -146,6 +148,11 @@ MNIST_SPLITS: dict[str, MnistSplitFiles] = {
     "test": MnistSplitFiles("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10_000),
 }
 
+MNIST_FILES: tuple[str, ...] = tuple(
+    name + suffix for split in MNIST_SPLITS.values() for name in (split.images, split.labels)
+    for suffix in (".gz", ""))
+"""Every file name an MNIST directory may hold."""
+
 MNIST_MD5: dict[str, str] = {
     "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
     "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
@@ -181,14 +188,33 @@ def _verify_md5(path: Path) -> None:
         )
 
 
-def _resolve_root(data_dir: str | os.PathLike | None) -> tuple[Path | None, str]:
-    """The data root and a phrase saying where it came from (for error messages)."""
+def default_data_dir() -> Path:
+    """Where data goes when neither ``data_dir`` nor ``$BINGO_DATA`` says: bingo's cache
+    directory, ``$XDG_CACHE_HOME/bingo`` (default ``~/.cache/bingo``)."""
+    cache = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
+    return Path(cache).expanduser() / "bingo"
+
+
+def _resolve_root(data_dir: str | os.PathLike | None, files: tuple[str, ...], what: str
+                  ) -> tuple[Path, str]:
+    """The data root and a phrase saying where it came from (for error messages).
+
+    ``data_dir`` may also name one of the dataset's own ``files`` (``t10k-images-idx3-ubyte.gz``):
+    its folder is the root then. Any other file is refused, saying what to pass instead.
+    """
     if data_dir is not None:
-        return Path(data_dir).expanduser(), "the data_dir argument"
-    env = os.environ.get(DATA_ENV_VAR, "").strip()
-    if env:
-        return Path(env).expanduser(), f"${DATA_ENV_VAR}"
-    return None, f"no data_dir argument and ${DATA_ENV_VAR} unset"
+        root, origin = Path(data_dir).expanduser(), f"data_dir={data_dir}"
+    elif os.environ.get(DATA_ENV_VAR, "").strip():
+        root, origin = Path(os.environ[DATA_ENV_VAR].strip()).expanduser(), f"${DATA_ENV_VAR}"
+    else:
+        return default_data_dir(), (f"the default, bingo's cache directory, as neither "
+                                    f"data_dir=... nor ${DATA_ENV_VAR} is set")
+    if root.is_file():
+        if root.name in files:
+            return root.parent, f"{origin}, the folder of that file"
+        raise DataError(f"{origin} is a file, not a directory; pass the directory that holds "
+                        f"the {what} files (such as {root.parent})")
+    return root, origin
 
 
 def _search_dirs(root: Path) -> list[Path]:
@@ -232,7 +258,9 @@ def _download(filename: str, dest_dir: Path) -> tuple[Path | None, list[str]]:
             with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
                 payload = response.read()
         except Exception as exc:  # noqa: BLE001 - any network failure means "try the next one"
-            failures.append(f"{url}: {type(exc).__name__}: {exc}")
+            reason = getattr(exc, "reason", None) or exc  # URLError wraps the socket error
+            failures.append(f"{urllib.parse.urlsplit(url).netloc}: "
+                            f"{getattr(reason, 'strerror', None) or reason}")
             continue
         found = _md5(payload)
         if expected is not None and found != expected:
@@ -252,36 +280,22 @@ def _download(filename: str, dest_dir: Path) -> tuple[Path | None, list[str]]:
     return None, failures
 
 
-def _locate(base: str, root: Path | None, origin: str, download: bool) -> Path:
+def _locate(base: str, root: Path, origin: str, download: bool) -> Path:
     """Path of one MNIST file, downloading it if allowed; a clear DataError otherwise."""
-    hint = (
-        f"put the MNIST IDX files ({base}.gz or {base}) in a directory and pass it as "
-        f"data_dir=... or set {DATA_ENV_VAR}=/path/to/data (the directory itself or its mnist/ "
-        f"subfolder is searched)"
-    )
-    if root is None:
-        raise DataError(
-            f"MNIST file {base} not found: {origin}, so there is nowhere to look; {hint}"
-        )
-    found, tried = _find(root, base)
+    found, _ = _find(root, base)
     if found is not None:
         _verify_md5(found)
         return found
-    looked = ", ".join(str(p) for p in tried)
-    if not root.is_dir():
-        looked += f" ({root} does not exist)"
+    missing = (f"MNIST file {base}[.gz] is neither in {root} nor in its mnist/ folder "
+               f"({origin}{'; the directory does not exist' if not root.is_dir() else ''})")
+    hint = (f"put the MNIST IDX files in a directory and pass it as data_dir=... or set "
+            f"{DATA_ENV_VAR}=/path/to/data (the directory itself or its mnist/ folder is "
+            f"searched)")
     if not download:
-        raise DataError(
-            f"MNIST file {base} not found (data dir {root} from {origin}); looked at: {looked}; "
-            f"download=False; {hint}"
-        )
+        raise DataError(f"{missing}, and download=False; {hint}")
     dest, failures = _download(base + ".gz", _download_dir(root))
     if dest is None:
-        reasons = "; ".join(failures)
-        raise DataError(
-            f"MNIST file {base} not found (data dir {root} from {origin}); looked at: {looked}; "
-            f"download failed: {reasons}; {hint}"
-        )
+        raise DataError(f"{missing}, and the download failed ({'; '.join(failures)}); {hint}")
     return dest
 
 
@@ -307,7 +321,7 @@ def load_mnist(
     """
     require_option("split", split, MNIST_SPLITS)
     files = MNIST_SPLITS[split]
-    root, origin = _resolve_root(data_dir)
+    root, origin = _resolve_root(data_dir, MNIST_FILES, "MNIST IDX")
     image_path = _locate(files.images, root, origin, download)
     label_path = _locate(files.labels, root, origin, download)
     images = read_idx(image_path)
@@ -355,11 +369,9 @@ def load_tinyshakespeare(data_dir: str | os.PathLike | None = None, download: bo
     subfolder; downloaded from :data:`TINYSHAKESPEARE_URL` into ``root/tinyshakespeare`` when
     missing and ``download`` is set. A file whose MD5 differs raises DataError.
     """
-    root, origin = _resolve_root(data_dir)
+    root, origin = _resolve_root(data_dir, (TINYSHAKESPEARE_FILE,), "Tiny Shakespeare")
     hint = (f"put tinyshakespeare's {TINYSHAKESPEARE_FILE} in a directory (or its tinyshakespeare/ "
-            f"subfolder) and pass it as data_dir=... / --data-dir, or set {DATA_ENV_VAR}")
-    if root is None:
-        raise DataError(f"Tiny Shakespeare not found: {origin}; {hint}")
+            f"subfolder) and pass it as data_dir=..., or set {DATA_ENV_VAR}")
     tried = [root / TINYSHAKESPEARE_FILE, root / "tinyshakespeare" / TINYSHAKESPEARE_FILE]
     path = next((p for p in tried if p.is_file()), None)
     if path is None:
@@ -441,7 +453,8 @@ DATASETS: dict[str, DatasetSpec] = {
         in_channels=1,
         image_size=MNIST_IMAGE_SIDE,
         num_classes=10,
-        description="MNIST official 10k test split (IDX files from data_dir or $BINGO_DATA)",
+        description="MNIST official 10k test split (IDX files from data_dir, $BINGO_DATA or the "
+                    "cache directory; downloaded when missing)",
     ),
 }
 

@@ -1,43 +1,25 @@
-"""``bingo demo``: BINGO end to end on a small dataset, in about a minute on a laptop CPU.
+"""``bingo demo``: BINGO end to end on a small dataset, in about half a minute on 2 CPU cores.
 
-Steps: split the dataset 60/20/20 (train/val/test), train LeNet-300-100 with a
-:class:`bingo.TicketSearch` attached, prune the trained model in one shot to the validation
-accuracy floor ``dense - floor_drop``, then compare BINGO's ranking with the magnitude and random
-baselines at a grid of sparsities on the test split. Writes ``report.json`` (configuration,
-environment, every number, timings, the search path) and ``accuracy_vs_sparsity.png`` into the
-output directory, and prints a table.
+Steps (:mod:`bingo.demo_pipeline`): split the dataset 60/20/20 (train/val/test), train
+LeNet-300-100 with a :class:`bingo.TicketSearch` attached, prune the trained model in one shot to
+the validation accuracy floor ``dense - floor_drop``, then compare BINGO's ranking with the
+magnitude and random baselines at a grid of sparsities on the test split. Writes ``report.json``
+(configuration, environment, every number, timings, the search path) and
+``accuracy_vs_sparsity.png`` into the output directory, and prints a table.
 
-The default dataset is scikit-learn's bundled 8x8 digits, so the demo needs no download.
+The default dataset is scikit-learn's bundled 8x8 digits, so the demo needs no download. This
+module holds the configuration and the command line and imports torch only to run.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import time
-import warnings
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional
 
-import torch
-from torch import nn
-from torch.utils.data import TensorDataset
-from tqdm.auto import tqdm
-
-import bingo
-from bingo import training
-from bingo.baselines import baseline_scores
-from bingo.data import DATASETS, load_dataset, make_loader, split_dataset
-from bingo.errors import InvalidOptionError
-from bingo.estimators import ESTIMATORS, METRICS
-from bingo.models import model_for
-from bingo.plots import accuracy_vs_sparsity
-from bingo.search import RESETS
-from bingo.training import (TrainStats, accuracy, environment, nonzero_parameters,
-                            torch_threads)
-from bingo.units import GRANULARITIES
+from bingo import choices, cli
+from bingo.rundir import prepare_output_dir
 
 SPARSITY_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 """Sparsities at which the accuracy curves are measured."""
@@ -51,7 +33,7 @@ PLOT_NAME = "accuracy_vs_sparsity.png"
 
 @dataclass
 class DemoConfig:
-    """Hyper-parameters of the demo. The defaults fit a ~1 minute run on 2 CPU cores."""
+    """Hyper-parameters of the demo. The defaults take 21-34 s on 2 CPU cores (measured)."""
 
     granularity: str = "weight"
     """Unit that is searched and pruned: ``"weight"`` or ``"neuron"``."""
@@ -71,7 +53,7 @@ class DemoConfig:
     literal: bool = False
     """With ``score="seed"``: keep the paper formula's own ordering (an ablation)."""
     every: int = 1
-    """A search runs after every ``every``-th training step (1: 340 searches, about 20 s of search
+    """A search runs after every ``every``-th training step (1: 340 searches, about 15 s of search
     on 2 CPU cores with the torch backend)."""
     epochs: int = 20
     """Training epochs."""
@@ -89,7 +71,8 @@ class DemoConfig:
     dataset: str = "digits"
     """A dataset of :data:`bingo.data.DATASETS` (``"mnist"`` reads IDX files from data_dir)."""
     data_dir: Optional[str] = None
-    """Data directory for file-based datasets (default: ``$BINGO_DATA``)."""
+    """Data directory for file-based datasets (default: ``$BINGO_DATA``, else bingo's cache
+    directory, where missing MNIST files are downloaded)."""
     out: str = "bingo-demo"
     """Directory that receives report.json and the plot."""
     progress: bool = True
@@ -98,9 +81,13 @@ class DemoConfig:
     """torch intra-op threads during the run (None: torch's default). One, because these small
     ops gain little from a second thread, while on a 2-core machine a second thread competing
     with any other process slowed our training steps ~60x and searches ~4x."""
+    quick: bool = False
+    """Set by --quick; recorded so that a smoke run is never mistaken for a result."""
 
     def validate(self) -> None:
         """Raise InvalidOptionError for a bad demo-only value (TicketSearch checks its own)."""
+        from bingo.errors import InvalidOptionError
+
         optional = ("threads",) if self.threads is not None else ()
         for name in ("epochs", "batch_size", *optional):
             value = getattr(self, name)
@@ -115,7 +102,7 @@ class DemoConfig:
                 f"sparsities must be a non-empty list of numbers in [0, 1], got {self.sparsities}")
 
 
-QUICK = dict(epochs=2, subsets=16, every=1)
+QUICK = dict(epochs=2, subsets=16, every=1, quick=True)
 """What ``--quick`` changes: a smoke test of every step in a few seconds, not a result."""
 
 
@@ -124,147 +111,15 @@ def quick(config: DemoConfig) -> DemoConfig:
     return dataclasses.replace(config, **QUICK)
 
 
-# --------------------------------------------------------------------------------------------
-# Steps
-# --------------------------------------------------------------------------------------------
-
-
-def train(model: nn.Module, search: bingo.TicketSearch, train_set: TensorDataset,
-          config: DemoConfig) -> TrainStats:
-    """Train with Adam, calling ``search.step`` after every optimizer step; times both apart."""
-    loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed)
-    return training.train(model, loader, config.epochs, config.lr, after_step=[search.step],
-                          progress=config.progress, desc="train + ticket search")
-
-
-def rankings(model: nn.Module, scores: dict, config: DemoConfig) -> dict[str, dict]:
-    """The score dicts compared: BINGO's significance and the baselines, by method name."""
-    return {
-        "bingo": scores,
-        "magnitude": baseline_scores("magnitude", model, config.granularity),
-        "random": baseline_scores("random", model, config.granularity, seed=config.seed),
-    }
-
-
-def prune_to_floor(model: nn.Module, ranked: dict[str, dict], splits, floor: float,
-                   config: DemoConfig) -> dict[str, bingo.PruneResult]:
-    """Each method pruned as far as keeps validation accuracy >= ``floor``."""
-    results = {}
-    for name, scores in ranked.items():
-        main = name == "bingo"  # the baselines give context; only BINGO's is shrunk and timed
-        results[name] = bingo.prune(model, scores, floor=floor,
-                                    eval_fn=lambda m: accuracy(m, splits.val),
-                                    progress=config.progress and main,
-                                    structured="auto" if main else False)
-    return results
-
-
-def curves(model: nn.Module, ranked: dict[str, dict], test_set: TensorDataset,
-           config: DemoConfig) -> dict[str, list[float]]:
-    """Test accuracy of each method's pruned model at each of ``config.sparsities``."""
-    out = {name: [] for name in ranked}
-    bar = tqdm(total=len(ranked) * len(config.sparsities), desc="accuracy vs sparsity",
-               unit="prune", disable=not config.progress)
-    with bar, warnings.catch_warnings():
-        # Never-sampled units (counted in the report) may go at the highest sparsities.
-        warnings.simplefilter("ignore")
-        for name, scores in ranked.items():
-            for sparsity in config.sparsities:
-                result = bingo.prune(model, scores, sparsity=sparsity, progress=False,
-                                     allow_unsampled=True, structured=False)
-                out[name].append(accuracy(result.model, test_set))
-                bar.update()
-    return out
-
-
-def summarize(result: bingo.PruneResult, test_set: TensorDataset, param_names) -> dict:
-    """JSON-ready numbers of one floor-pruned model."""
-    structured = None
-    if result.structured is not None:
-        structured = dict(parameters=result.structured.parameters,
-                          dense_parameters=result.structured.dense_parameters,
-                          speedup=result.structured.speedup,
-                          test_accuracy=accuracy(result.structured.model, test_set))
-    return dict(floor=result.floor, val_accuracy=result.accuracy,
-                test_accuracy=accuracy(result.model, test_set), sparsity=result.sparsity,
-                weight_sparsity=result.weight_sparsity, pruned_units=result.pruned_units,
-                total_units=result.total_units,
-                nonzero_parameters=nonzero_parameters(result.export_state_dict(), param_names),
-                structured=structured)
-
-
 def run(config: DemoConfig) -> dict:
-    """Run the demo, write report.json and the plot into ``config.out``; return the report."""
+    """Run the demo, write report.json and the plot into ``config.out``; return the report.
+
+    Options and the output directory are checked before any work."""
     config.validate()
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise InvalidOptionError(f"--out {out} exists and is not a directory")
-    with torch_threads(config.threads):
-        return _run(config, out)
+    out = prepare_output_dir(config.out)
+    from bingo.demo_pipeline import run_demo
 
-
-def _run(config: DemoConfig, out: Path) -> dict:
-    started = time.perf_counter()
-    torch.manual_seed(config.seed)
-    model = model_for(config.dataset, "lenet_300_100")
-    # Built before the data is loaded so a bad option fails at once, and before training so that
-    # reset="init" snapshots the initial weights.
-    search = bingo.TicketSearch(
-        model, granularity=config.granularity, subsets=config.subsets, fraction=config.fraction,
-        reset=config.reset, metric=config.metric, score=config.score, every=config.every,
-        seed=config.seed, literal=config.literal, rewind_step=config.rewind_step)
-    splits = split_dataset(load_dataset(config.dataset, config.data_dir), SPLIT_FRACTIONS,
-                           config.seed)
-
-    stats = train(model, search, splits.train, config)
-    dense_val, dense_test = accuracy(model, splits.val), accuracy(model, splits.test)
-    scores = search.significance()
-    ranked = rankings(model, scores, config)
-
-    prune_start = time.perf_counter()
-    at_floor = prune_to_floor(model, ranked, splits, dense_val - config.floor_drop, config)
-    prune_seconds = time.perf_counter() - prune_start
-
-    curves_start = time.perf_counter()
-    curve_values = curves(model, ranked, splits.test, config)
-    curves_seconds = time.perf_counter() - curves_start
-
-    param_names = [name for name, _ in model.named_parameters()]
-    summaries = {name: summarize(r, splits.test, param_names) for name, r in at_floor.items()}
-    pruned = {**summaries.pop("bingo"), "floor_search": at_floor["bingo"].history}
-    dense_params = sum(p.numel() for p in model.parameters())
-
-    out.mkdir(parents=True, exist_ok=True)
-    plot = accuracy_vs_sparsity(
-        out / PLOT_NAME, config.sparsities, curve_values, dense_accuracy=dense_test,
-        chosen=(pruned["sparsity"], pruned["test_accuracy"]),
-        title=f"LeNet-300-100 on {config.dataset}, {config.granularity} pruning",
-        xlabel=f"sparsity (fraction of {config.granularity} units pruned)")
-    report = dict(
-        config={**asdict(config), "sparsities": list(config.sparsities)},
-        environment=environment(),
-        data=dict(dataset=config.dataset, split=list(SPLIT_FRACTIONS), split_seed=config.seed,
-                  sizes={k: len(getattr(splits, k)) for k in ("train", "val", "test")}),
-        model=dict(name="lenet_300_100", parameters=dense_params),
-        dense=dict(val_accuracy=dense_val, test_accuracy=dense_test, parameters=dense_params,
-                   nonzero_parameters=nonzero_parameters(model.state_dict(), param_names),
-                   final_train_loss=stats.final_loss),
-        pruned=pruned,
-        baselines_at_floor=summaries,
-        search=dict(path=search.path, path_reason=search.path_reason, searches=search.searches,
-                    skipped=search.skipped, unsampled_units=scores.unsampled(),
-                    significance=scores.summary()),
-        timings=dict(train_seconds=stats.train_seconds, search_seconds=search.seconds,
-                     steps=stats.steps, overhead_percent=100.0 * search.seconds /
-                     max(stats.train_seconds, 1e-12),
-                     prune_seconds=prune_seconds, curves_seconds=curves_seconds,
-                     total_seconds=time.perf_counter() - started),
-        curves=dict(split="test", sparsities=list(config.sparsities), accuracy=curve_values),
-        files=dict(report=str(out / REPORT_NAME), plot=plot),
-    )
-    with open(out / REPORT_NAME, "w") as f:
-        json.dump(report, f, indent=2)
-    return report
+    return run_demo(config, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,10 +190,10 @@ class _Flag:
 
 
 _FLAGS: dict[str, _Flag] = {
-    "granularity": _Flag(str, "unit searched and pruned", GRANULARITIES),
-    "score": _Flag(str, "significance estimator", tuple(ESTIMATORS)),
-    "metric": _Flag(str, "metric whose change under a reset is measured", METRICS),
-    "reset": _Flag(str, "value a reset unit takes", RESETS),
+    "granularity": _Flag(str, "unit searched and pruned", choices.GRANULARITIES),
+    "score": _Flag(str, "significance estimator", choices.SCORES),
+    "metric": _Flag(str, "metric whose change under a reset is measured", choices.METRICS),
+    "reset": _Flag(str, "value a reset unit takes", choices.RESETS),
     "rewind_step": _Flag(int, "with --reset rewind: the step whose weights are the reset values"),
     "subsets": _Flag(int, "K, random subsets per search"),
     "fraction": _Flag(float, "probability that a unit is in a subset"),
@@ -348,9 +203,9 @@ _FLAGS: dict[str, _Flag] = {
     "lr": _Flag(float, "Adam learning rate"),
     "seed": _Flag(int, "seed of the split, weights, batch order, search hash, random baseline"),
     "floor_drop": _Flag(float, "prune while val accuracy >= dense val accuracy - this"),
-    "dataset": _Flag(str, "dataset (mnist reads IDX files from --data-dir or $BINGO_DATA)",
-                     tuple(DATASETS)),
-    "data_dir": _Flag(str, "data directory for file-based datasets (None: $BINGO_DATA)"),
+    "dataset": _Flag(str, "dataset (mnist reads IDX files from --data-dir)", choices.DATASETS),
+    "data_dir": _Flag(str, "data directory for mnist (default: $BINGO_DATA, else bingo's cache "
+                           "directory, where missing files are downloaded)"),
     "out": _Flag(str, "output directory for report.json and the plot"),
     "threads": _Flag(int, "torch intra-op threads (a second thread only pays on an idle machine)"),
 }
@@ -361,25 +216,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     user set."""
     defaults = DemoConfig()
     for name, flag in _FLAGS.items():
+        default = getattr(defaults, name)
+        shown = "" if default is None or name == "data_dir" else f" (default: {default})"
         parser.add_argument(f"--{name.replace('_', '-')}", type=flag.type, choices=flag.choices,
-                            default=None,
-                            help=f"{flag.help} (default: {getattr(defaults, name)})")
+                            default=None, help=flag.help + shown)
     parser.add_argument("--literal", action="store_true", default=None,
                         help="with --score seed: keep the paper formula's own ordering "
-                             "(an ablation; see README)")
+                             "(an ablation; see docs/guide.md)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"smoke test: {', '.join(f'{k}={v}' for k, v in QUICK.items())} "
-                             "(explicit flags still win)")
+                        help="smoke test in about 10 s: "
+                             + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()
+                                         if k != "quick")
+                             + " (flags you give still win)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                         help="hide the progress bars")
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     """DemoConfig from parsed flags: defaults, then --quick, then every flag the user set."""
-    config = quick(DemoConfig()) if args.quick else DemoConfig()
-    given = {f.name: getattr(args, f.name) for f in fields(DemoConfig)
-             if getattr(args, f.name, None) is not None}
-    return dataclasses.replace(config, **given)
+    return cli.config_from_args(args, DemoConfig(), QUICK)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -4,181 +4,37 @@ It trains the GPT on CPU with a structured ticket search (attention heads + MLP 
 per-subset loss goes through the fused LM head, see :mod:`bingo.executor`), then prunes heads and
 neurons down to a perplexity ceiling with BINGO, magnitude and Wanda-style ``|W| * ||X||``
 scores, shrinks each pruned model physically, and reports test perplexity against sparsity as
-JSON, a markdown table and a plot.
+JSON, a markdown table and a plot. The trained model and each finished method are saved in the
+output directory at once, so rerunning the same command resumes an interrupted run.
+
+This module holds the configuration and the command line and imports torch only to run; the
+model and the steps are in :mod:`bingo.gpt_pipeline`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
-import time
+import ast
+import dataclasses
+import inspect
 from dataclasses import asdict, dataclass, fields
+from typing import Optional
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from tqdm.auto import tqdm
-
-from bingo.attention import attention, declare_heads
-from bingo.baselines import baseline_scores
-from bingo.errors import InvalidOptionError, require_option
-from bingo.pruning import prune
-from bingo.search import TicketSearch
-
-
-# --------------------------------------------------------------------------------------------
-# Model
-# --------------------------------------------------------------------------------------------
-
-
-class LinearAttention(nn.Module):
-    """Causal self-attention built from separate q/k/v/o nn.Linear layers (Hugging Face style)."""
-
-    def __init__(self, d_model: int, num_heads: int):
-        super().__init__()
-        if d_model % num_heads:
-            raise InvalidOptionError(f"num_heads={num_heads} does not divide d_model={d_model}")
-        self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model) for _ in range(4))
-        self.num_heads = num_heads
-        declare_heads(self, q="q", k="k", v="v", o="o", num_heads=num_heads)
-
-    def forward(self, x: Tensor) -> Tensor:
-        # The head count comes from self.num_heads, so a shrunk block (fewer heads) still runs.
-        out, _ = attention(self.q(x), self.k(x), self.v(x), self.num_heads, is_causal=True)
-        return self.o(out)
-
-
-class MhaAttention(nn.Module):
-    """Causal self-attention with nn.MultiheadAttention."""
-
-    def __init__(self, d_model: int, num_heads: int):
-        super().__init__()
-        self.mha = nn.MultiheadAttention(d_model, num_heads, batch_first=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        t = x.shape[1]
-        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
-        return self.mha(x, x, x, attn_mask=mask, need_weights=False)[0]
-
-
-ATTENTIONS = {"linear": LinearAttention, "mha": MhaAttention}
-"""``--attention`` choice -> attention block class."""
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block; the MLP is an nn.Sequential so its neurons are structured units."""
-
-    def __init__(self, d_model: int, num_heads: int, attention_kind: str):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.attn = ATTENTIONS[attention_kind](d_model, num_heads)
-        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(),
-                                 nn.Linear(4 * d_model, d_model))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
-
-
-class GPT(nn.Module):
-    """A small decoder-only transformer: token + position embeddings, blocks, LM head."""
-
-    def __init__(self, vocab: int, block_size: int, layers: int, d_model: int, num_heads: int,
-                 attention_kind: str = "linear"):
-        super().__init__()
-        require_option("attention", attention_kind, ATTENTIONS)
-        self.tok = nn.Embedding(vocab, d_model)
-        self.pos = nn.Embedding(block_size, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, num_heads, attention_kind)
-                                    for _ in range(layers))
-        self.ln_f = nn.LayerNorm(d_model)
-        self.lm_head = nn.Linear(d_model, vocab)
-
-    def bingo_example_inputs(self) -> Tensor:
-        """One sequence of token ids, for bingo's structure trace."""
-        return torch.zeros(1, self.pos.num_embeddings, dtype=torch.long,
-                           device=self.tok.weight.device)
-
-    def forward(self, idx: Tensor) -> Tensor:
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
-        for block in self.blocks:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))
-
-
-# --------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CharData:
-    """A character corpus encoded as int64 ids and split into train/val/test streams."""
-
-    chars: str
-    """The vocabulary (sorted distinct characters)."""
-    train: Tensor
-    """Token ids of the first 90%."""
-    val: Tensor
-    """The next 5% (perplexity ceiling)."""
-    test: Tensor
-    """The last 5% (reported curves)."""
-
-    @classmethod
-    def from_text(cls, text: str) -> "CharData":
-        chars = "".join(sorted(set(text)))
-        lookup = {c: i for i, c in enumerate(chars)}
-        ids = torch.tensor([lookup[c] for c in text], dtype=torch.int64)
-        a, b = int(0.9 * len(ids)), int(0.95 * len(ids))
-        return cls(chars, ids[:a], ids[a:b], ids[b:])
-
-
-def random_batch(stream: Tensor, batch: int, block: int, generator: torch.Generator
-                 ) -> tuple[Tensor, Tensor]:
-    """``batch`` random windows of ``block`` tokens and their next-token targets."""
-    starts = torch.randint(0, len(stream) - block - 1, (batch,), generator=generator)
-    x = torch.stack([stream[s:s + block] for s in starts])
-    y = torch.stack([stream[s + 1:s + block + 1] for s in starts])
-    return x, y
-
-
-def fixed_batches(stream: Tensor, count: int, batch: int, block: int, seed: int) -> list:
-    """``count`` reproducible batches of ``stream`` (evaluation and calibration sets)."""
-    g = torch.Generator().manual_seed(seed)
-    return [random_batch(stream, batch, block, g) for _ in range(count)]
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, batches: list) -> float:
-    """exp(mean next-token cross-entropy) over ``batches`` (eval mode, restored after)."""
-    was = model.training
-    model.eval()
-    try:
-        total = sum(F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum").item()
-                    for x, y in batches)
-        return math.exp(total / sum(y.numel() for _, y in batches))
-    finally:
-        model.train(was)
-
-
-# --------------------------------------------------------------------------------------------
-# The experiment
-# --------------------------------------------------------------------------------------------
+from bingo import choices, cli
+from bingo.rundir import RunDirectory
 
 
 @dataclass
 class GptConfig:
     """Hyper-parameters of ``bingo gpt`` (every field is a flag)."""
 
-    data_dir: str = None
+    data_dir: Optional[str] = None
     """Directory with tinyshakespeare's input.txt (or its tinyshakespeare/ folder); None:
-    $BINGO_DATA."""
+    $BINGO_DATA, else bingo's cache directory."""
     out: str = "bingo-gpt"
     """Output directory for report.json, table.md and the plot."""
     attention: str = "linear"
-    """Attention block: ``linear`` (q/k/v/o nn.Linear, HF style) or ``mha``."""
+    """Attention block: linear (q/k/v/o nn.Linear, HF style) or mha (nn.MultiheadAttention)."""
     layers: int = 2
     """Transformer blocks."""
     d_model: int = 64
@@ -198,114 +54,77 @@ class GptConfig:
     fraction: float = 0.05
     """Inclusion probability of a unit in a subset."""
     every: int = 5
-    """Run a ticket search after every ``every``-th training step."""
+    """Run a ticket search after every N-th training step."""
     eval_batches: int = 16
-    """Batches (of ``batch`` sequences) in the val and test sets and the Wanda calibration set."""
+    """Batches (of --batch sequences) in the val and test sets and the Wanda calibration set."""
     ceiling: float = 1.10
-    """Prune to a validation perplexity of ``ceiling`` x the dense model's."""
+    """Prune to a validation perplexity of this times the dense model's."""
     sparsities: str = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8"
-    """Unit sparsities of the reported test-perplexity curves."""
+    """Unit sparsities of the reported test-perplexity curves (comma-separated)."""
     seed: int = 0
     """Seed of the model, the batches and the ticket search."""
-    threads: int = 2
-    """torch intra-op threads."""
+    threads: Optional[int] = 1
+    """torch intra-op threads (None: torch's default)."""
+    progress: bool = True
+    """Show progress bars (on stderr)."""
     quick: bool = False
-    """A few-second smoke run (tiny model, 40 steps)."""
+    """Set by --quick; recorded so that a smoke run is never mistaken for a result."""
 
-    def quickened(self) -> "GptConfig":
-        """The ``--quick`` variant: same pipeline, tiny sizes."""
-        return GptConfig(**{**asdict(self), "layers": 1, "d_model": 32, "block": 32, "batch": 8,
-                            "steps": 40, "subsets": 8, "every": 4, "eval_batches": 2,
-                            "sparsities": "0,0.3,0.6", "quick": True})
+    def sparsity_list(self) -> list[float]:
+        """:attr:`sparsities` as numbers."""
+        return [float(s) for s in self.sparsities.split(",")]
 
+    def validate(self) -> None:
+        """Raise InvalidOptionError naming the first bad value."""
+        from bingo.errors import InvalidOptionError, require_option
 
-METHODS = ("bingo", "magnitude", "wanda")
-
-
-def _train(model, data, cfg, search) -> dict:
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    train_s, losses = 0.0, []
-    model.train()
-    for _ in tqdm(range(cfg.steps), desc="train + ticket search", unit="step"):
-        x, y = random_batch(data.train, cfg.batch, cfg.block, g)
-        start = time.perf_counter()
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        train_s += time.perf_counter() - start
-        search.step(x, y)
-        losses.append(loss.item())
-    return dict(train_seconds=train_s, search_seconds=search.seconds, searches=search.searches,
-                final_train_loss=sum(losses[-50:]) / len(losses[-50:]))
-
-
-def _scores(method, model, search, calibration):
-    if method == "bingo":
-        return search.significance()
-    options = {"data": calibration} if method == "wanda" else {}
-    return baseline_scores(method, model, "structured", **options)
+        require_option("attention", self.attention, choices.ATTENTIONS)
+        optional = ("threads",) if self.threads is not None else ()
+        for name in ("layers", "d_model", "heads", "block", "batch", "steps", "subsets", "every",
+                     "eval_batches", *optional):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidOptionError(f"{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.heads:
+            raise InvalidOptionError(f"heads={self.heads} must divide d_model={self.d_model}")
+        if not self.lr > 0:
+            raise InvalidOptionError(f"lr must be positive, got {self.lr!r}")
+        if not self.ceiling >= 1.0:
+            raise InvalidOptionError(f"ceiling must be >= 1 (a multiple of the dense model's "
+                                     f"perplexity), got {self.ceiling!r}")
+        try:
+            values = self.sparsity_list()
+        except ValueError:
+            values = None
+        if not values or any(not 0.0 <= s < 1.0 for s in values):
+            raise InvalidOptionError(f"sparsities must be comma-separated numbers in [0, 1), "
+                                     f"got {self.sparsities!r}")
 
 
-def run(cfg: GptConfig) -> dict:
-    """Train, search, prune and measure; returns the report (also written to ``cfg.out``)."""
-    from bingo.data import load_tinyshakespeare
-    from bingo.plots import metric_vs_sparsity
-    from bingo.training import environment, torch_threads
+QUICK = dict(layers=1, d_model=32, block=32, batch=8, steps=40, subsets=8, every=4,
+             eval_batches=2, sparsities="0,0.3,0.6", quick=True)
+"""What ``--quick`` changes: the same pipeline at tiny sizes, a smoke run, not a result."""
 
-    started = time.perf_counter()
-    cfg = cfg.quickened() if cfg.quick else cfg
-    sparsities = [float(s) for s in cfg.sparsities.split(",")]
-    with torch_threads(cfg.threads):
-        data = CharData.from_text(load_tinyshakespeare(cfg.data_dir))
-        torch.manual_seed(cfg.seed)
-        model = GPT(len(data.chars), cfg.block, cfg.layers, cfg.d_model, cfg.heads, cfg.attention)
-        search = TicketSearch(model, "structured", subsets=cfg.subsets, fraction=cfg.fraction,
-                              metric="loss", score="attribution", every=cfg.every, seed=cfg.seed)
-        training = _train(model, data, cfg, search)
-        val = fixed_batches(data.val, cfg.eval_batches, cfg.batch, cfg.block, cfg.seed + 2)
-        test = fixed_batches(data.test, cfg.eval_batches, cfg.batch, cfg.block, cfg.seed + 3)
-        calibration = fixed_batches(data.train, cfg.eval_batches, cfg.batch, cfg.block,
-                                    cfg.seed + 4)
-        dense_val, dense_test = perplexity(model, val), perplexity(model, test)
-        ceiling = cfg.ceiling * dense_val
-        report = dict(config=asdict(cfg), environment=environment(), training=training,
-                      path=search.path, path_reason=search.path_reason,
-                      fused_lm_head=search.evaluator.fused, units=search.layout.total,
-                      dense=dict(val_ppl=dense_val, test_ppl=dense_test,
-                                 parameters=sum(p.numel() for p in model.parameters())),
-                      ceiling=ceiling, methods={})
-        for method in tqdm(METHODS, desc="prune", unit="method"):
-            t0 = time.perf_counter()
-            scores = _scores(method, model, search, calibration)
-            result = prune(model, scores, ceiling=ceiling, eval_fn=lambda m: perplexity(m, val),
-                           structured=True, allow_unsampled=True, progress=False)
-            small = result.structured.model
-            curve = [perplexity(prune(model, scores, sparsity=s, structured=False,
-                                      allow_unsampled=True, progress=False).model, test)
-                     for s in sparsities]
-            report["methods"][method] = dict(
-                sparsity=result.sparsity, val_ppl=result.accuracy,
-                test_ppl=perplexity(result.model, test), shrunk_test_ppl=perplexity(small, test),
-                parameters=result.structured.parameters,
-                heads_kept={k: int(v.sum()) for k, v in result.unit_masks.items()
-                            if k.endswith(".heads")},
-                neurons_kept=sum(int(v.sum()) for k, v in result.unit_masks.items()
-                                 if not k.endswith(".heads")),
-                curve=curve, seconds=time.perf_counter() - t0)
-        report["sparsities"] = sparsities
-        report["seconds"] = time.perf_counter() - started
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(cfg.out, "table.md"), "w") as f:
-        f.write(markdown(report))
-    metric_vs_sparsity(os.path.join(cfg.out, "perplexity_vs_sparsity.png"), sparsities,
-                       {m: r["curve"] for m, r in report["methods"].items()},
-                       reference=dense_test, ylabel="test perplexity",
-                       title="char-GPT on Tiny Shakespeare: heads + MLP neurons pruned")
-    return report
+
+def quick(config: GptConfig) -> GptConfig:
+    """``config`` with the :data:`QUICK` settings."""
+    return dataclasses.replace(config, **QUICK)
+
+
+RESUME_IGNORES = ("data_dir", "out", "progress", "threads")
+"""Settings that may change when a run is resumed: they do not change its numbers."""
+
+
+def run(config: GptConfig) -> dict:
+    """Train, search, prune and measure; returns the report (also written to ``config.out``).
+
+    Options and the output directory are checked before any work; finished pieces of an
+    earlier run with the same configuration in ``config.out`` are kept."""
+    config.validate()
+    out = RunDirectory(config.out, asdict(config), ignore=RESUME_IGNORES)
+    from bingo.gpt_pipeline import run_gpt
+
+    return run_gpt(config, out)
 
 
 def markdown(report: dict) -> str:
@@ -327,34 +146,56 @@ def markdown(report: dict) -> str:
     for i, s in enumerate(report["sparsities"]):
         lines.append(f"| {s:.2f} | " + " | ".join(f"{r['curve'][i]:.3f}"
                                                   for r in report["methods"].values()) + " |")
+    if report["config"].get("quick"):
+        lines += ["", "**Quick smoke run: not a result.**"]
     return "\n".join(lines) + "\n"
 
 
+def plot(report: dict, path: str) -> str:
+    """The report's test-perplexity curves as a PNG at ``path``."""
+    from bingo.plots import metric_vs_sparsity
+
+    return metric_vs_sparsity(path, report["sparsities"],
+                              {m: r["curve"] for m, r in report["methods"].items()},
+                              reference=report["dense"]["test_ppl"], ylabel="test perplexity",
+                              title="char-GPT on Tiny Shakespeare: heads + MLP neurons pruned")
+
+
 # --------------------------------------------------------------------------------------------
-# CLI
+# Command line
 # --------------------------------------------------------------------------------------------
+
+FLAG_CHOICES = {"attention": choices.ATTENTIONS}
+"""Fields whose flag takes one of a few names."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per :class:`GptConfig` field (help text from the field's docstring)."""
+    """One flag per :class:`GptConfig` field (help: the field's docstring and its default).
+    Values default to None, so that --quick can tell which flags the user set."""
     defaults = GptConfig()
     docs = _field_docs()
     for f in fields(GptConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.name == "quick":
-            parser.add_argument(flag, action="store_true", help=docs[f.name])
+        if f.name in ("quick", "progress"):
             continue
-        kind = type(getattr(defaults, f.name)) if getattr(defaults, f.name) is not None else str
-        parser.add_argument(flag, type=kind, default=getattr(defaults, f.name),
-                            help=docs[f.name])
+        default = getattr(defaults, f.name)
+        kind = type(default) if default is not None else str
+        if f.name == "threads":
+            kind = int
+        shown = "" if default is None else f" (default: {default})"
+        parser.add_argument(flag, type=kind, default=None, choices=FLAG_CHOICES.get(f.name),
+                            help=docs[f.name] + shown)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run in about 10 s: "
+                             + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()
+                                         if k != "quick") + " (flags you give still win)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                        help="hide the progress bars")
 
 
 def _field_docs() -> dict[str, str]:
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(GptConfig))
-    body = tree.body[0].body
+    """Field name -> its docstring, on one line."""
+    body = ast.parse(inspect.getsource(GptConfig)).body[0].body
     docs = {}
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
@@ -362,11 +203,16 @@ def _field_docs() -> dict[str, str]:
     return docs
 
 
+def config_from_args(args: argparse.Namespace) -> GptConfig:
+    """GptConfig from parsed flags: defaults, then --quick, then every flag the user set."""
+    return cli.config_from_args(args, GptConfig(), QUICK)
+
+
 def main(args: argparse.Namespace) -> int:
     """Run ``bingo gpt`` with parsed flags; prints the tables."""
-    cfg = GptConfig(**{f.name: getattr(args, f.name) for f in fields(GptConfig)})
-    report = run(cfg)
+    config = config_from_args(args)
+    report = run(config)
     print(markdown(report))
-    print(f"total {report['seconds']:.1f} s; wrote {cfg.out}/report.json, table.md, "
-          "perplexity_vs_sparsity.png")
+    print(f"total {report['seconds']:.1f} s; wrote {report['files']['report']}, "
+          f"{report['files']['table']} and {report['files']['plot']}")
     return 0

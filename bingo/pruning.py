@@ -136,6 +136,22 @@ class PruneResult:
 
         save_file({k: v.contiguous() for k, v in self.export_state_dict().items()}, str(path))
 
+    def remove(self) -> nn.Module:
+        """Make the pruning permanent and return the model.
+
+        Like :func:`torch.nn.utils.prune.remove` on every masked parameter: each becomes a plain
+        ``nn.Parameter`` again, zero where pruned (no ``weight_orig`` / ``weight_mask``, no
+        hooks), so the model trains, saves and loads like any other; training may then revive
+        pruned weights. ``masks`` keeps the record. Calling it twice is harmless.
+        """
+        for name in self.masks:
+            module_name, _, pname = name.rpartition(".")
+            module = self.model.get_submodule(module_name)
+            if pname + "_orig" in module._parameters:
+                torch_prune.remove(module, pname)
+            _DetachMasked.forget(module, pname)
+        return self.model
+
 
 # --------------------------------------------------------------------------------------------
 # Scores -> layers
@@ -474,10 +490,55 @@ def _write_masked(params: Mapping[str, Tensor], originals: Mapping[str, Tensor],
         params[name].copy_(original * mask.to(original.dtype))
 
 
+class _DetachMasked:
+    """Forward hook that keeps a masked module deep-copyable and picklable.
+
+    torch.nn.utils.prune recomputes ``weight = weight_orig * weight_mask`` before every forward
+    and leaves it on the module; with gradients on, that tensor is not a graph leaf, and
+    ``copy.deepcopy`` / ``torch.save`` refuse non-leaf tensors. After each forward this hook
+    swaps it for a detached view of the same values. Backward is unaffected: the autograd graph
+    holds its own reference to the non-leaf tensor.
+    """
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        """Parameter names (``"weight"``, ``"bias"``) masked on this module."""
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self.detach(module)
+
+    def detach(self, module: nn.Module) -> None:
+        for name in self.names:
+            value = module.__dict__.get(name)
+            if isinstance(value, Tensor) and not value.is_leaf:
+                setattr(module, name, value.detach())
+
+    @classmethod
+    def attach(cls, module: nn.Module, name: str) -> None:
+        """Watch ``module.<name>`` (one hook per module, however many names)."""
+        hook = next((h for h in module._forward_hooks.values() if isinstance(h, cls)), None)
+        if hook is None:
+            hook = cls()
+            module.register_forward_hook(hook)
+        hook.names.add(name)
+        hook.detach(module)
+
+    @classmethod
+    def forget(cls, module: nn.Module, name: str) -> None:
+        """Stop watching ``module.<name>``; the hook goes with its last name."""
+        for key, hook in list(module._forward_hooks.items()):
+            if isinstance(hook, cls):
+                hook.names.discard(name)
+                if not hook.names:
+                    del module._forward_hooks[key]
+
+
 def _apply_torch_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
     for name, mask in masks.items():
         module_name, _, pname = name.rpartition(".")
-        torch_prune.custom_from_mask(model.get_submodule(module_name), pname, mask)
+        module = model.get_submodule(module_name)
+        torch_prune.custom_from_mask(module, pname, mask)
+        _DetachMasked.attach(module, pname)
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,11 +568,6 @@ class _Evaluator:
         self.bar = bar
         self.accuracy: dict[int, float] = {}
         self.history: list[dict[str, Any]] = []
-
-    def expect(self, evaluations: int) -> None:
-        """Update the progress bar's total once the number of evaluations is known."""
-        self.bar.total = evaluations
-        self.bar.refresh()
 
     def __call__(self, count: int, phase: str) -> float:
         # The dense model is evaluated first and is grid point 0 too: count it once.
@@ -545,6 +601,15 @@ def _bisect_steps(width: int, tolerance: int) -> int:
         width = (width + 1) // 2
         steps += 1
     return steps
+
+
+def _most_evaluations(max_count: int, grid: int, tolerance: int) -> int:
+    """The floor search's evaluations at most: every grid point (the dense model is point 0),
+    then the bisection of the widest grid cell. Known before the first evaluation, so a
+    progress bar can show it as its total from the start."""
+    points = _grid_points(max_count, grid)
+    widths = [hi - lo for lo, hi in zip(points, points[1:])]
+    return len(points) + max((_bisect_steps(w, tolerance) for w in widths), default=0)
 
 
 @dataclass(frozen=True)
@@ -584,7 +649,6 @@ def _search_floor(
     if not failing:
         return max_count
     lo, hi = points[failing[0] - 1], points[failing[0]]
-    evaluate.expect(len(points) + _bisect_steps(hi - lo, tolerance))
     while hi - lo > tolerance:
         mid = (lo + hi) // 2
         if bound.passes(evaluate(mid, "bisect")):
@@ -935,15 +999,17 @@ def _floor_count(
     reconstruct: Reconstruction | None,
 ) -> tuple[int, _Evaluator]:
     writer = _MaskWriter(work, layers, granularity, ranking, reconstruct)
-    bar = tqdm(total=len(_grid_points(ranking.max_pruned, grid)), desc="bingo prune",
+    # The total is the most evaluations the search can need, fixed before it starts; a search
+    # that needs fewer (no grid point fails, or a narrower cell) closes at the count it made.
+    bar = tqdm(total=_most_evaluations(ranking.max_pruned, grid, tolerance), desc="bingo prune",
                unit="eval", disable=not progress)
     try:
         evaluate = _Evaluator(writer, eval_fn, ranking.total, bar)
         count = _search_floor(evaluate, ranking.max_pruned, bound, grid, tolerance)
+        bar.total = bar.n
     finally:
         # The working model may be the caller's (inplace=True): never leave it half-pruned.
         writer.restore()
-        bar.total = bar.n
         bar.close()
     return count, evaluate
 

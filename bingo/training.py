@@ -2,7 +2,7 @@
 
 It trains with Adam and calls observers (ticket searches, score accumulators) after every
 optimizer step, timing the training steps apart from them: overhead figures compare the two.
-The plain-loop API (README) stays the primary way to use bingo; this loop only serves the
+The plain-loop API (docs/guide.md) stays the primary way to use bingo; this loop only serves the
 reproducible commands.
 """
 
@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.metadata
 import os
 import platform
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -94,6 +96,18 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float, *,
                       epoch_end=epoch_end)
 
 
+@contextlib.contextmanager
+def warnings_above_progress_bars():
+    """Inside the block, warnings print as one line above the tqdm progress bars instead of
+    breaking them (the warning filters are unchanged)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        tqdm.write(f"{category.__name__}: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def nonzero_parameters(state: dict, names: Iterable[str]) -> int:
     """Nonzero entries of the tensors ``state[name]`` for ``name`` in ``names``."""
     return sum(int(torch.count_nonzero(state[name])) for name in names)
@@ -117,10 +131,9 @@ def environment() -> dict:
 
     import bingo
 
-    try:
-        import sklearn
-        sklearn_version = sklearn.__version__
-    except ImportError:  # only the digits dataset needs it
+    try:  # read from the package metadata: importing scikit-learn takes seconds
+        sklearn_version = importlib.metadata.version("scikit-learn")
+    except importlib.metadata.PackageNotFoundError:  # only the digits dataset needs it
         sklearn_version = None
     return dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -29,7 +29,8 @@ from torch import nn
 import bingo
 from bingo.baselines import baseline_scores
 from bingo.data import load_digits, make_loader, split_dataset
-from bingo.demo import SPARSITY_GRID, SPLIT_FRACTIONS, DemoConfig, accuracy, torch_threads
+from bingo.demo import SPARSITY_GRID, SPLIT_FRACTIONS, DemoConfig
+from bingo.training import accuracy, torch_threads
 from bingo.models import lenet_300_100
 
 PAIRS = [("seed", "accuracy"), ("attribution", "loss")]

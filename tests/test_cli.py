@@ -1,6 +1,7 @@
 """The ``bingo`` command line: --version, the demo smoke run, error handling."""
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import fields
@@ -83,7 +84,7 @@ def test_bingo_error_exits_2_with_one_line(tmp_path):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
-        "bingo demo: error: literal=True applies only to score='seed' (the paper's formula)")
+        "bingo demo: error: --literal applies only to --score seed (the paper's formula)")
     assert not (tmp_path / "report.json").exists()
 
 
@@ -93,7 +94,7 @@ def test_bingo_error_from_main_returns_2(monkeypatch, capsys):
 
     monkeypatch.setattr(demo, "run", fail)
     assert cli.main(["demo", "--fraction", "2"]) == 2
-    assert capsys.readouterr().err == "bingo demo: error: fraction must be in (0, 1], got 2.0\n"
+    assert capsys.readouterr().err == "bingo demo: error: --fraction must be in (0, 1], got 2.0\n"
 
 
 def test_invalid_search_option_is_reported_without_traceback(capsys, tmp_path):
@@ -106,7 +107,89 @@ def test_out_that_is_a_file_is_an_error(capsys, tmp_path):
     target = tmp_path / "file"
     target.write_text("")
     assert cli.main(["demo", "--quick", "--out", str(target)]) == 2
-    assert "is not a directory" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"bingo demo: error: --out {target} is a file, not a "
+                                       "directory; pass a directory\n")
+
+
+def _no_work(monkeypatch):
+    """Make every command's pipeline fail loudly if it starts."""
+    import bingo.demo_pipeline
+    import bingo.experiment.runner
+    import bingo.gpt_pipeline
+
+    def started(*args, **kwargs):
+        raise AssertionError("the run started although its output directory is unusable")
+
+    monkeypatch.setattr(bingo.demo_pipeline, "run_demo", started)
+    monkeypatch.setattr(bingo.gpt_pipeline, "run_gpt", started)
+    monkeypatch.setattr(bingo.experiment.runner, "load_dataset", started)
+
+
+@pytest.mark.parametrize("argv", [["demo"], ["gpt", "--quick"],
+                                  ["experiment", "mnist", "--quick"]])
+@pytest.mark.parametrize("where", ["under a file", "under /proc"])
+def test_unusable_out_is_refused_before_any_work(argv, where, tmp_path, monkeypatch, capsys):
+    if where == "under /proc" and not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc here")
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "run" if where == "under a file" else "/proc/bingo-nope"
+    _no_work(monkeypatch)
+    assert cli.main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bingo {argv[0]}: error: --out {out} cannot be used as the output "
+                          "directory: ")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_help_and_usage_errors_do_not_import_torch():
+    code = ("import sys\n"
+            "from bingo import cli\n"
+            "for argv in ([], ['--help'], ['demo', '--help'], ['gpt', '--help'],\n"
+            "             ['experiment', '--help'], ['demo', '--subsets', 'many'],\n"
+            "             ['experiment', 'mnist', '--criteria', 'nope']):\n"
+            "    try:\n"
+            "        cli.main(argv)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_cli_choices_are_the_registries():
+    from bingo import choices, data, estimators, gpt_pipeline, models, search, units
+
+    assert choices.GRANULARITIES == units.GRANULARITIES
+    assert choices.SCORES == tuple(estimators.ESTIMATORS)
+    assert choices.METRICS == estimators.METRICS
+    assert choices.RESETS == search.RESETS
+    assert choices.DATASETS == tuple(data.DATASETS)
+    assert choices.MODELS == tuple(models.MODELS)
+    assert choices.ATTENTIONS == tuple(gpt_pipeline.ATTENTIONS)
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("floor_drop must be in [0, 1), got 1.5", "--floor-drop must be in [0, 1), got 1.5"),
+    ("literal=True applies only to score='seed' (the paper's formula)",
+     "--literal applies only to --score seed (the paper's formula)"),
+    ("pass it as data_dir=... or set BINGO_DATA=/path", "pass it as --data-dir ... or set "
+                                                         "BINGO_DATA=/path"),
+    ("rewind_step is only used with reset='rewind'", "--rewind-step is only used with --reset "
+                                                     "rewind"),
+    ("search_data=x and the seed's score", "search_data=x and the seed's score"),
+])
+def test_library_names_become_flags_on_the_command_line(message, expected):
+    flags = {"floor_drop": "--floor-drop", "literal": "--literal", "score": "--score",
+             "data_dir": "--data-dir", "rewind_step": "--rewind-step", "reset": "--reset",
+             "seed": "--seed", "data": "--data"}
+    assert cli.in_flag_words(message, flags) == expected
+
+
+def test_bad_value_names_the_flag(capsys, tmp_path):
+    assert cli.main(["demo", "--floor-drop", "1.5", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("bingo demo: error: --floor-drop must be in [0, 1), "
+                                       "got 1.5\n")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -133,6 +216,37 @@ def test_quick_keeps_flags_the_user_set():
 
 def test_every_demo_config_field_has_a_flag():
     args = cli.build_parser().parse_args(["demo"])
-    settable = {f for f in vars(args) if f not in ("command", "quick")}
+    settable = {f for f in vars(args) if f not in ("command", "flags")}
     missing = {f.name for f in fields(demo.DemoConfig)} - settable - {"sparsities"}
     assert not missing
+
+
+def test_gpt_flags_win_over_quick():
+    from bingo import gpt
+
+    args = cli.build_parser().parse_args(["gpt", "--quick", "--steps", "5", "--threads", "2"])
+    config = gpt.config_from_args(args)
+    assert (config.steps, config.threads, config.quick) == (5, 2, True)
+    assert config.layers == gpt.QUICK["layers"]
+    assert gpt.config_from_args(cli.build_parser().parse_args(["gpt"])) == gpt.GptConfig()
+
+
+def test_every_command_runs_on_one_thread_by_default():
+    from bingo import gpt
+    from bingo.experiment import ExperimentConfig
+
+    assert demo.DemoConfig().threads == gpt.GptConfig().threads == ExperimentConfig().threads == 1
+
+
+@pytest.mark.parametrize("command, resumable", [("demo", False), ("gpt", True)])
+def test_interrupt_says_whether_a_rerun_resumes(command, resumable, monkeypatch, capsys):
+    module = __import__(cli.COMMANDS[command].module, fromlist=["main"])
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "main", interrupted)
+    assert cli.main([command]) == cli.INTERRUPTED
+    err = capsys.readouterr().err
+    assert err.startswith(f"bingo {command}: interrupted")
+    assert ("rerun the same command to resume" in err) == resumable

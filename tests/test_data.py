@@ -40,7 +40,7 @@ class _NoNetwork(Exception):
 
 
 @pytest.fixture(autouse=True)
-def no_network(monkeypatch):
+def no_network(monkeypatch, tmp_path):
     """Fail any download attempt; individual tests install their own fake urlopen."""
     calls = []
 
@@ -50,6 +50,7 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
     monkeypatch.delenv(DATA_ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # bingo's default data dir
     return calls
 
 
@@ -296,6 +297,55 @@ def test_download_md5_mismatch_rejected(tmp_path, monkeypatch):
         load_mnist(tmp_path, download=True)
     assert data.MNIST_MD5["t10k-images-idx3-ubyte.gz"] in str(info.value)
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_without_data_dir_mnist_is_downloaded_into_the_cache(tmp_path, monkeypatch):
+    images, labels = synthetic_mnist()
+    served = write_mnist(tmp_path / "server", images, labels)
+    trust(monkeypatch, served)
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda url, timeout=None: _Response(served[url.rsplit("/", 1)[1]]))
+    assert data.default_data_dir() == tmp_path / "cache" / "bingo"
+    assert len(load_mnist()) == 7
+    assert sorted(p.name for p in (tmp_path / "cache" / "bingo" / "mnist").iterdir()) == \
+        sorted(served)
+
+
+def test_without_data_dir_and_network_the_error_says_where_and_what_to_pass(tmp_path):
+    with pytest.raises(DataError) as info:
+        load_mnist()
+    message = str(info.value)
+    assert str(tmp_path / "cache" / "bingo") in message and "download failed" in message
+    assert "data_dir=..." in message and DATA_ENV_VAR in message
+
+
+@pytest.mark.parametrize("name", ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"])
+def test_data_dir_may_name_one_of_the_mnist_files(tmp_path, monkeypatch, name):
+    images, labels = synthetic_mnist()
+    trust(monkeypatch, write_mnist(tmp_path / "mnist", images, labels))
+    assert len(load_mnist(tmp_path / "mnist" / name, download=False)) == 7
+
+
+def test_data_dir_naming_another_file_says_what_to_pass(tmp_path):
+    other = tmp_path / "notes.txt"
+    other.write_text("")
+    with pytest.raises(DataError) as info:
+        load_mnist(other)
+    assert str(info.value) == (f"data_dir={other} is a file, not a directory; pass the directory "
+                               f"that holds the MNIST IDX files (such as {tmp_path})")
+
+
+def test_command_line_errors_name_the_flag(tmp_path, capsys):
+    from bingo import cli
+
+    other = tmp_path / "notes.txt"
+    other.write_text("")
+    for data_dir in (other, tmp_path / "nowhere"):
+        assert cli.main(["demo", "--dataset", "mnist", "--data-dir", str(data_dir), "--out",
+                         str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("bingo demo: error: ") and err.count("\n") == 1
+        assert "--data-dir" in err and "data_dir" not in err
 
 
 def test_bingo_data_env_var(tmp_path, monkeypatch):

@@ -141,22 +141,26 @@ def test_cli_flags_for_model_criteria_and_imp_rounds():
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("experiment")
-    config = dataclasses.replace(quick(ExperimentConfig()), dataset="digits", out=str(out),
-                                 progress=False)
+    # Every criterion and the full sparsity grid (--quick measures a few), on digits.
+    defaults = ExperimentConfig()
+    config = dataclasses.replace(quick(defaults), dataset="digits", out=str(out), progress=False,
+                                 criteria=defaults.criteria, sparsities=defaults.sparsities,
+                                 report_sparsities=defaults.report_sparsities)
     return run_experiment(config), out
 
 
 def test_quick_run_writes_every_output(quick_report):
     report, out = quick_report
     for name in ("results.json", "results.md", "accuracy_vs_sparsity.png", "wall_time.png",
-                 "significance_histograms.png"):
+                 "significance_histograms.png", "accuracy_vs_sparsity_more.png"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "results.json").read_text())
     assert saved["config"]["quick"] is True
     text = (out / "results.md").read_text()
     assert "Quick smoke run: not a result" in text
     assert "## weight granularity" in text and "## neuron granularity" in text
-    assert "seed paper" in text and "Targets of issue #3" in text
+    assert "seed paper" in text and "Ticket search (BINGO) against its goals" in text
+    assert "issue" not in text.lower()
 
 
 def test_quick_run_measures_every_method(quick_report):
@@ -211,7 +215,7 @@ def test_quick_run_measures_cost_and_the_shrunk_model(quick_report):
         assert data["methods"]["targeted+ls"]["curve"][0] == data["methods"]["targeted"]["curve"][0]
     weight = report["summary"]["targeted_targets"]["weight/targeted+ls"]["one_shot"]
     assert all({"best", "best_same_refit"} <= set(v) for v in weight.values())
-    assert "Targets of issue #7" in (out / "results.md").read_text()
+    assert "Targeted pruning against its goals" in (out / "results.md").read_text()
 
 
 def test_quick_run_lenet5_channels(tmp_path):
@@ -265,7 +269,7 @@ def test_quick_run_on_real_mnist(tmp_path, capsys):
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["data"]["sizes"] == {"train": 5000, "search": 1000, "val": 2000, "test": 2000}
     assert report["seeds"][0]["dense"]["test_accuracy"] > 0.85
-    assert "neuron granularity" in capsys.readouterr().out
+    assert "neuron pruning" in capsys.readouterr().out
 
 
 def test_summary_without_magnitude_has_no_magnitude_comparison(quick_report):
@@ -279,4 +283,58 @@ def test_summary_without_magnitude_has_no_magnitude_comparison(quick_report):
     trimmed["summary"] = summarize(trimmed)
     for targets in trimmed["summary"]["targets"].values():
         assert targets["magnitude_sparsity"] is None and targets["beats_magnitude"] is None
-    assert "Targets of issue #3" in markdown(trimmed)
+    assert "Ticket search (BINGO) against its goals" in markdown(trimmed)
+
+
+# -- saved as it goes, resumed ----------------------------------------------------------------------
+
+
+def _tiny(out, **change) -> ExperimentConfig:
+    tiny = dict(dataset="digits", granularities=("neuron",), seeds=(0, 1), criteria=("magnitude",),
+                ablations=(), imp_rounds={"weight": 1, "neuron": 1}, epochs=1,
+                finetune_sparsities=(), out=str(out), progress=False)
+    return dataclasses.replace(quick(ExperimentConfig()), **{**tiny, **change})
+
+
+def test_each_seed_is_saved_when_it_finishes_and_a_rerun_resumes(tmp_path, monkeypatch, capsys):
+    from bingo.experiment import runner
+
+    first = run_experiment(_tiny(tmp_path))
+    parts = tmp_path / "parts"
+    assert sorted(p.name for p in parts.iterdir()) == ["seed-0.json", "seed-1.json"]
+    assert json.loads((tmp_path / "run.json").read_text())["config"]["seeds"] == [0, 1]
+    # As if interrupted during seed 1: its file is missing; seed 0 must not run again.
+    (parts / "seed-1.json").unlink()
+    real = runner.run_seed
+
+    def only_seed_1(config, dataset, seed, with_ablations):
+        assert seed == 1, "seed 0 finished in the first run and was run again"
+        return real(config, dataset, seed, with_ablations)
+
+    monkeypatch.setattr(runner, "run_seed", only_seed_1)
+    capsys.readouterr()
+    again = run_experiment(_tiny(tmp_path, threads=2))  # threads may change on resume
+    assert "seed-0: finished in an earlier run, kept" in capsys.readouterr().err
+    assert again["seeds"][0] == json.loads(json.dumps(first["seeds"][0]))
+    assert [s["seed"] for s in again["seeds"]] == [0, 1]
+    assert (tmp_path / "results.md").exists()
+
+
+def test_rerun_with_another_configuration_is_refused_before_any_work(tmp_path, monkeypatch):
+    from bingo.experiment import runner
+
+    run_experiment(_tiny(tmp_path, seeds=(0,)))
+    monkeypatch.setattr(runner, "load_dataset", lambda *a: pytest.fail("work started"))
+    with pytest.raises(InvalidOptionError, match=r"another configuration \(epochs: 2 now, 1 "
+                                                 r"there\); pass another directory"):
+        run_experiment(_tiny(tmp_path, seeds=(0,), epochs=2))
+
+
+def test_cli_prints_a_short_summary(tmp_path, capsys):
+    status = cli.main(["experiment", "mnist", "--quick", "--dataset", "digits", "--granularities",
+                       "neuron", "--criteria", "magnitude", "targeted+ls", "--ablations",
+                       "--imp-rounds", "1", "--no-progress", "--out", str(tmp_path)])
+    assert status == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) < 20 and "Quick smoke run: not a result." in out
+    assert "targeted+ls" in out and str(tmp_path / "results.md") in out

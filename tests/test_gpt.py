@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from bingo.data import DataError, load_tinyshakespeare
-from bingo.gpt import GPT, CharData, fixed_batches, perplexity, random_batch
+from bingo.errors import InvalidOptionError
+from bingo import cli, data as bingo_data, gpt, gpt_pipeline
+from bingo.gpt_pipeline import GPT, CharData, fixed_batches, perplexity, random_batch
 from bingo.pruning import prune
 from bingo.search import TicketSearch
 
@@ -57,3 +59,55 @@ def test_real_tinyshakespeare_loads():
     data = CharData.from_text(text)
     assert len(text) == 1_115_394 and len(data.chars) == 65
     assert len(data.train) + len(data.val) + len(data.test) == len(text)
+
+
+TEXT = "to be or not to be, that is the question. whether tis nobler in the mind. " * 60
+
+
+def _tiny(tmp_path, **change):
+    return gpt.GptConfig(**{**gpt.QUICK, "steps": 8, "eval_batches": 1, "batch": 4, "block": 16,
+                            "every": 4, "out": str(tmp_path / "run"), "progress": False,
+                            **change})
+
+
+def test_run_saves_as_it_goes_and_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bingo_data, "load_tinyshakespeare", lambda data_dir=None: TEXT)
+    config = _tiny(tmp_path)
+    first = gpt.run(config)
+    parts = tmp_path / "run" / "parts"
+    assert {p.name for p in parts.iterdir()} == {
+        "training.json", gpt_pipeline.TRAINED, *(f"{m}.json" for m in gpt_pipeline.METHODS)}
+    assert "Quick smoke run: not a result" in (tmp_path / "run" / "table.md").read_text()
+
+    def never(*args, **kwargs):
+        raise AssertionError("a finished piece was computed again")
+
+    # An interrupted run keeps what finished: drop one method, rerun the same configuration.
+    (parts / "wanda.json").unlink()
+    monkeypatch.setattr(gpt_pipeline, "_train", never)
+    capsys.readouterr()
+    again = gpt.run(config)
+    err = capsys.readouterr().err
+    assert "training: finished in an earlier run, kept" in err and "bingo: finished" in err
+    assert again["methods"]["bingo"] == first["methods"]["bingo"]
+    # wanda was measured again on the reloaded model: the same numbers
+    assert again["methods"]["wanda"]["curve"] == pytest.approx(first["methods"]["wanda"]["curve"])
+    assert again["dense"] == first["dense"]
+
+
+def test_resume_with_another_configuration_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(bingo_data, "load_tinyshakespeare", lambda data_dir=None: TEXT)
+    gpt.run(_tiny(tmp_path))
+    with pytest.raises(InvalidOptionError, match=r"another configuration \(steps: 9 now, 8 there"):
+        gpt.run(_tiny(tmp_path, steps=9))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--heads", "3"], "--heads 3 must divide --d-model 64"),
+    (["--sparsities", "0,x"], "--sparsities must be comma-separated numbers in [0, 1)"),
+    (["--ceiling", "0.9"], "--ceiling must be >= 1"),
+])
+def test_bad_options_are_one_line_errors(argv, message, tmp_path, capsys):
+    assert cli.main(["gpt", *argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bingo gpt: error: {message}") and err.count("\n") == 1

@@ -9,16 +9,21 @@ IMP is not one-shot: the runner runs it separately (:mod:`bingo.baselines.imp`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from torch import Tensor, nn
-from torch.utils.data import TensorDataset
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+    from torch.utils.data import TensorDataset
 
-from bingo.baselines import baseline_scores
-from bingo.errors import InvalidOptionError
-from bingo.reconstruct import LeastSquaresReconstruction
+Scores = dict[str, "Tensor"]
 
-Scores = dict[str, Tensor]
+
+def baseline_scores(name: str, model: nn.Module, granularity: str, **options: Any) -> Scores:
+    """:func:`bingo.baselines.baseline_scores`, imported on the first call: this registry's
+    names are the command line's choices, which must not wait for torch."""
+    from bingo.baselines import baseline_scores as scores
+
+    return scores(name, model, granularity, **options)
 
 
 @dataclass
@@ -37,6 +42,8 @@ class TrainedRun:
     """Seed of the run (random baseline, Shapley hash)."""
     shapley_samples: int = 1024
     """Coalitions evaluated by the Shapley baseline."""
+    refit: dict = field(default_factory=dict)
+    """Options of the ``+ls`` criteria's :class:`bingo.LeastSquaresReconstruction`."""
     train_data: TensorDataset = None
     """The whole training split: the evidence of the targeted search is drawn from it."""
 
@@ -45,6 +52,8 @@ Criterion = Callable[[TrainedRun, str], Scores]
 
 
 def _neuron_only(granularity: str) -> str:
+    from bingo.errors import InvalidOptionError
+
     if granularity != "neuron":
         raise InvalidOptionError(f"this targeted variant exists for neurons only, not "
                                  f"{granularity!r}")
@@ -112,8 +121,10 @@ class ReconstructedScores(dict):
 
 def _least_squares(criterion: Criterion) -> Criterion:
     def reconstructed(run: TrainedRun, granularity: str) -> Scores:
+        from bingo.reconstruct import LeastSquaresReconstruction
+
         return ReconstructedScores(criterion(run, granularity), LeastSquaresReconstruction(
-            run.train_data, seed=run.seed))
+            run.train_data, seed=run.seed, **run.refit))
     return reconstructed
 
 

@@ -39,12 +39,15 @@ def _reconstruction(scores: Mapping[str, Tensor]):
 
 
 def floors(model: nn.Module, scores: Mapping[str, Tensor], dense_val: float,
-           drops: Sequence[float], val: TensorDataset, test: TensorDataset) -> dict[str, dict]:
+           drops: Sequence[float], val: TensorDataset, test: TensorDataset,
+           resolution: float = 0.0) -> dict[str, dict]:
     """For each drop: the largest sparsity whose validation accuracy stays >= dense - drop.
 
     Accuracy is not monotone in sparsity, so :func:`bingo.prune` evaluates a grid, then bisects
-    inside the first failing cell; its whole evaluated curve is kept as ``history``.
+    inside the first failing cell, down to one unit or to ``resolution`` times the units; its
+    whole evaluated curve is kept as ``history``.
     """
+    tolerance = max(1, int(resolution * sum(v.numel() for v in scores.values())))
     out = {}
     for drop in drops:
         start = time.perf_counter()
@@ -52,7 +55,7 @@ def floors(model: nn.Module, scores: Mapping[str, Tensor], dense_val: float,
             warnings.simplefilter("ignore")
             result = bingo.prune(model, scores, floor=dense_val - drop,
                                  eval_fn=lambda m: accuracy(m, val), allow_unsampled=True,
-                                 structured=False, progress=False,
+                                 structured=False, progress=False, tolerance=tolerance,
                                  reconstruct=_reconstruction(scores))
         seconds = time.perf_counter() - start
         out[f"{drop:g}"] = dict(sparsity=result.sparsity, val_accuracy=result.accuracy,

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import statistics
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from bingo import plots
 
@@ -15,6 +15,7 @@ from .runner import IMP, MAIN
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 CURVES_PNG = "accuracy_vs_sparsity.png"
+MORE_CURVES_PNG = "accuracy_vs_sparsity_more.png"
 TIME_PNG = "wall_time.png"
 HISTOGRAM_PNG = "significance_histograms.png"
 SEED_PAPER = dict(bingo_pruned=0.20, imp_pruned=0.96, bingo_time="8:47", imp_time="13:05",
@@ -216,7 +217,10 @@ def _targets_of(methods: dict, name: str, granularity: str, key: str) -> dict:
 
 
 def _targeted_markdown(summary: dict) -> list[str]:
-    lines = ["## Targets of issue #7 (the `targeted` criteria; measured, not tuned)", ""]
+    lines = ["## Targeted pruning against its goals (measured, not tuned)", "",
+             "Goals: neurons: at least 65% pruned at dense − 1 pt, at most 1/5 of IMP's wall time "
+             "to the same sparsity; weights: one-shot accuracy at 90/95/98% at least that of the "
+             "best one-shot rival, within 0.5 pt of IMP after fine-tuning at 95%.", ""]
     for label, t in summary.get("targeted_targets", {}).items():
         granularity = label.partition("/")[0]
         cost = t["cost_ratio"]
@@ -383,7 +387,10 @@ def markdown(report: dict) -> str:
                  _pm(r["test_accuracy"], digits=2), _pm(r["seconds"], 1.0)]
                 for r in methods[IMP]["rounds"]]
         lines += _table(["round", "sparsity", "val acc", "test acc", "seconds"], rows) + [""]
-    lines += ["## Targets of issue #3 (measured, not tuned)", ""]
+    lines += ["## Ticket search (BINGO) against its goals (measured, not tuned)", "",
+              "Goals: the best ticket-search setting prunes more than magnitude at dense − 1 pt, "
+              "the search costs at most 25% of the training time, and the whole run is at least "
+              "5× cheaper than IMP reaching the same sparsity.", ""]
     rows = []
     for granularity, t in summary["targets"].items():
         seeds = t["best_bingo_sparsity"]["n"]
@@ -413,7 +420,8 @@ def markdown(report: dict) -> str:
             + [f"{_pm(v['overlap_share'])}% ({_pm(v['overlap_chance'])}%)"
                for v in summary["seed_paper"].values()]]
     lines += _table(["", "seed paper"] + list(summary["seed_paper"]), rows) + [""]
-    lines += [f"Plots: `{CURVES_PNG}`, `{TIME_PNG}`, `{HISTOGRAM_PNG}`.", ""]
+    lines += [f"Plots: `{CURVES_PNG}` (the headline methods), `{MORE_CURVES_PNG}` (every other "
+              f"criterion), `{TIME_PNG}`, `{HISTOGRAM_PNG}`.", ""]
     return "\n".join(lines)
 
 
@@ -422,40 +430,120 @@ def markdown(report: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+HEADLINE = (IMP, MAIN, "targeted+ls", "targeted-iterative+ls", "lamp+ls", "magnitude", "lamp",
+            "random")
+"""The methods of the main figure and of the terminal summary: IMP, the ticket search, the
+recommended targeted pruning (neurons: elimination + refit; weights: iterative refit), the best
+free rival with and without the refit, and random; where some were not measured, the next
+measured methods take their places."""
+
+
+ZOOM_POINTS = 6.0
+"""The main figure's second row shows test accuracy from dense minus this many points up."""
+
+
+def headline_methods(measured: Sequence[str]) -> list[str]:
+    """The (at most :data:`plots.MAX_CURVES`) methods shown first, out of ``measured``."""
+    chosen = [m for m in HEADLINE if m in measured]
+    chosen += [m for m in measured if m not in chosen][:plots.MAX_CURVES - len(chosen)]
+    return chosen
+
+
+def _curve_series(row: dict, name: str, sparsities: Sequence[float]) -> dict:
+    keys = [f"{s:g}" for s in sparsities]
+    xs = ([row["curve_sparsity"][k]["mean"] if row["curve_sparsity"][k] else None for k in keys]
+          if name == IMP else list(sparsities))
+    return dict(x=xs, mean=[row["curve"][k]["mean"] if row["curve"][k] else None for k in keys],
+                std=[row["curve"][k]["std"] if row["curve"][k] else 0.0 for k in keys])
+
+
 def _plots(report: dict, out: Path) -> dict[str, str]:
     config, summary = report["config"], report["summary"]
-    panels, dense, seconds = {}, {}, {}
+    model = config.get("model", "lenet_300_100")
+    main_panels, zooms, more_rows, seconds = [], [], [], {}
     for granularity, data in summary["granularities"].items():
-        dense[granularity] = data["dense_test"]["mean"]
-        panels[granularity] = {}
-        seconds[granularity] = {}
-        for name, row in data["methods"].items():
-            if row["kind"] == "search" and name != MAIN:
-                continue
-            keys = [f"{s:g}" for s in config["sparsities"]]
-            xs = ([row["curve_sparsity"][k]["mean"] if row["curve_sparsity"][k] else None
-                   for k in keys] if name == IMP else list(config["sparsities"]))
-            panels[granularity][name] = dict(
-                x=xs, mean=[row["curve"][k]["mean"] if row["curve"][k] else None for k in keys],
-                std=[row["curve"][k]["std"] if row["curve"][k] else 0.0 for k in keys])
-            seconds[granularity][name] = row["extra_seconds"]["mean"]
-    histogram_data = {}
-    first = report["seeds"][0]
-    for granularity, data in first["granularities"].items():
-        if data.get("significance_values"):
-            histogram_data[f"{granularity} (seed {first['seed']})"] = data["significance_values"]
+        methods = {n: r for n, r in data["methods"].items()
+                   if r["kind"] != "search" or n == MAIN}  # ablations: in the tables
+        first = headline_methods(list(methods))
+        xlabel = f"sparsity (fraction of {granularity} units pruned)"
+        dense = data["dense_test"]["mean"]
+
+        def panel(title: str, names: Sequence[str], **options) -> plots.CurvePanel:
+            return plots.CurvePanel(title, xlabel, dense=dense, series={
+                n: _curve_series(methods[n], n, config["sparsities"]) for n in names}, **options)
+
+        main_panels.append(panel(f"{granularity} pruning", first))
+        zooms.append(panel(f"{granularity} pruning, zoomed: dense - {ZOOM_POINTS:g} points "
+                           "and up", first, ylim=(dense - ZOOM_POINTS / 100, dense + 0.005),
+                           legend=False))
+        rest = [n for n in methods if n not in first]
+        per_panel = plots.MAX_CURVES - 1  # IMP is the reference in every panel
+        chunks = [rest[i:i + per_panel] for i in range(0, len(rest), per_panel)]
+        more_rows.append([panel(f"{granularity} pruning: more criteria"
+                                + (f" ({i + 1}/{len(chunks)})" if len(chunks) > 1 else ""),
+                                [IMP, *chunk]) for i, chunk in enumerate(chunks)])
+        seconds[f"{granularity} pruning"] = {n: r["extra_seconds"]["mean"]
+                                             for n, r in methods.items()}
+    title = f"{model} on {config['dataset']}: test accuracy after one-shot pruning (IMP: retrained)"
     files = dict(
-        curves=plots.accuracy_bands(out / CURVES_PNG, panels, dense_accuracy=dense,
-                                    title=f"{config.get('model', 'lenet_300_100')} on {config['dataset']}: one-shot "
-                                          "criteria and IMP"),
-        wall_time=plots.grouped_bars(out / TIME_PNG, seconds,
-                                     ylabel="extra wall time per run (s, log)",
-                                     title="Cost beyond one training run"))
+        curves=plots.accuracy_panels(out / CURVES_PNG, main_panels + zooms, title=title,
+                                     columns=len(main_panels)),
+        wall_time=plots.cost_bars(out / TIME_PNG, seconds,
+                                  xlabel="seconds beyond the one training run (log scale)",
+                                  title="Cost of each method (mean over seeds)"))
+    columns = max(map(len, more_rows), default=0)
+    if columns:  # one row per granularity
+        grid = [p for row in more_rows for p in row + [None] * (columns - len(row))]
+        files["more_curves"] = plots.accuracy_panels(out / MORE_CURVES_PNG, grid, title=title,
+                                                     columns=columns)
+    histogram_data = {}
+    first_seed = report["seeds"][0]
+    for granularity, data in first_seed["granularities"].items():
+        if data.get("significance_values"):
+            histogram_data[f"{granularity} (seed {first_seed['seed']})"] = \
+                data["significance_values"]
     if histogram_data:
         files["histograms"] = plots.histograms(out / HISTOGRAM_PNG, histogram_data,
                                                title="BINGO significance (main setting)",
                                                xlabel="significance")
     return files
+
+
+def headline(report: dict) -> str:
+    """The few lines the command prints: per granularity, the headline methods' floors, their
+    accuracy at 90% sparsity and their cost; where the full tables and plots are."""
+    config, summary = report["config"], report["summary"]
+    key = _floor_key(config["floor_drops"][0])
+    drop = f"{float(key) * 100:g}"
+    seeds = config["seeds"]
+    lines = [f"{config.get('model', 'lenet_300_100')} on {config['dataset']}, "
+             f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({' '.join(map(str, seeds))}"
+             f"{'; mean ± std' if len(seeds) > 1 else ''}); run time "
+             f"{report['total_seconds'] / 60:.1f} min."]
+    if config.get("quick"):
+        lines.append("Quick smoke run: not a result.")
+    at = "0.9" if 0.9 in config["sparsities"] else f"{config['report_sparsities'][0]:g}"
+    for granularity, data in summary["granularities"].items():
+        methods = data["methods"]
+        names = headline_methods([n for n, r in methods.items()
+                                  if r["kind"] != "search" or n == MAIN])
+        lines += ["", f"{granularity} pruning (dense test accuracy "
+                      f"{_pm(data['dense_test'], digits=2)}%):",
+                  f"  {'method':<24}{f'sparsity @-{drop}pt':>16}{'test acc there':>16}"
+                  f"{f'acc @{float(at) * 100:g}%':>16}{'extra s':>14}"]
+        for name in names:
+            r = methods[name]
+            floor = r["floors"][key]
+            lines.append(f"  {name:<24}{_pm(floor['sparsity']):>16}"
+                         f"{_pm(floor['test_accuracy'], digits=2):>16}"
+                         f"{_pm(r['curve'].get(at), digits=2):>16}"
+                         f"{_pm(r['extra_seconds'], 1.0):>14}")
+    files = report["files"]
+    lines += ["", f"sparsity: share of units pruned (validation accuracy within {drop} pt of "
+                  f"dense); IMP: its own retrained network. All methods, fine-tuning, overlap "
+                  f"with IMP and the ablations: {files['markdown']}",
+              "plots: " + ", ".join(v for k, v in files.items() if k not in ("json", "markdown"))]
+    return "\n".join(lines)
 
 
 def write(report: dict, out: Path) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -22,9 +22,10 @@ import bingo
 from bingo.baselines.imp import imp
 from bingo.baselines.taylor import TaylorAccumulator
 from bingo.data import load_dataset, make_loader
-from bingo.errors import InvalidOptionError
 from bingo.models import model_for
-from bingo.training import accuracy, environment, torch_threads, train
+from bingo.rundir import RunDirectory
+from bingo.training import (accuracy, environment, torch_threads, train,
+                            warnings_above_progress_bars)
 
 from . import measure
 from .config import ABLATIONS, SPLIT_FRACTIONS, ExperimentConfig
@@ -97,7 +98,7 @@ def _one_shot(scores, seconds: float, run: TrainedRun, splits, config, dense_val
               train_seconds: float, imp: measure.IMPPrunedSets, loader, finetune: bool) -> dict:
     model = run.model
     floors = measure.floors(model, scores, dense_val, config.floor_drops, splits.val,
-                            splits.test)
+                            splits.test, resolution=config.floor_resolution)
     main_floor = floors[f"{config.floor_drops[0]:g}"]["sparsity"]
     overlap_at = sorted({*config.report_sparsities, main_floor} - {0.0})
     coverage = getattr(scores, "coverage", None)
@@ -232,7 +233,8 @@ def dense_model(config: ExperimentConfig, dataset, seed: int):
 
 
 def run_seed(config: ExperimentConfig, dataset, seed: int, with_ablations: bool) -> dict:
-    """Everything measured for one seed (JSON-ready)."""
+    """Everything measured for one seed (JSON-ready); ``seconds`` is its wall time."""
+    started = time.perf_counter()
     splits = experiment_splits(dataset, seed)
     torch.manual_seed(seed)
     model = model_for(config.dataset, config.model)
@@ -252,7 +254,9 @@ def run_seed(config: ExperimentConfig, dataset, seed: int, with_ablations: bool)
     dense_val, dense_test = accuracy(model, splits.val), accuracy(model, splits.test)
     run = TrainedRun(model=model, initial_state=initial, taylor=taylor,
                      score_data=_first(splits.train, SHAPLEY_IMAGES), seed=seed,
-                     shapley_samples=config.shapley_samples, train_data=splits.train)
+                     shapley_samples=config.shapley_samples, train_data=splits.train,
+                     refit=dict(samples=config.refit_samples,
+                                exact_features=config.refit_exact_features))
     rewind_state = initial if config.imp_rewind == "init" else snapshot.state
 
     def imp_train(m: nn.Module) -> None:
@@ -316,6 +320,7 @@ def run_seed(config: ExperimentConfig, dataset, seed: int, with_ablations: bool)
             significance_values=torch.cat([v.reshape(-1).float().cpu()
                                            for v in significance.values()]).tolist()
             if seed == config.seeds[0] else None)
+    out["seconds"] = time.perf_counter() - started
     return out
 
 
@@ -324,26 +329,33 @@ def _first(dataset, count: int):
     return torch.utils.data.TensorDataset(inputs[:count], targets[:count])
 
 
+RESUME_IGNORES = ("data_dir", "out", "progress", "threads")
+"""Settings that may change when a run is resumed: they do not change its numbers."""
+
+
 def run_experiment(config: ExperimentConfig) -> dict:
-    """Run every seed, aggregate, write the outputs into ``config.out``; return the report."""
+    """Run every seed, aggregate, write the outputs into ``config.out``; return the report.
+
+    Options and the output directory are checked before any work. Each seed's measurements are
+    saved in ``config.out`` as soon as the seed finishes; seeds an earlier run with the same
+    configuration finished there are kept, not rerun."""
     from . import report as reporting
 
     config.validate()
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise InvalidOptionError(f"--out {out} exists and is not a directory")
-    started = time.perf_counter()
-    with torch_threads(config.threads):
+    out = RunDirectory(config.out, reporting.jsonable(config), ignore=RESUME_IGNORES)
+    limit = config.ablation_seeds if config.ablation_seeds is not None else math.inf
+    with torch_threads(config.threads), warnings_above_progress_bars():
         machine = environment()
         dataset = load_dataset(config.dataset, config.data_dir)
-        limit = config.ablation_seeds if config.ablation_seeds is not None else math.inf
-        seeds = [run_seed(config, dataset, seed, index < limit)
-                 for index, seed in enumerate(tqdm(config.seeds, desc="seeds",
-                                                   disable=not config.progress))]
+        seeds = []
+        for index, seed in enumerate(tqdm(config.seeds, desc="seeds",
+                                          disable=not config.progress)):
+            seeds.append(out.piece(
+                f"seed-{seed}", lambda: run_seed(config, dataset, seed, index < limit)))
     report = dict(config=reporting.jsonable(config), environment=machine,
                   data=dict(dataset=config.dataset, split_fractions=list(SPLIT_FRACTIONS),
                             sizes=seeds[0]["splits"]),
-                  seeds=seeds, total_seconds=time.perf_counter() - started)
+                  seeds=seeds, total_seconds=sum(s["seconds"] for s in seeds))
     report["summary"] = reporting.summarize(report)
-    reporting.write(report, out)
+    reporting.write(report, out.path)
     return report
