@@ -12,7 +12,8 @@ from .errors import (BackendUnavailableError, BingoError, CheckpointError, Distr
                      InputMismatchError, InvalidOptionError, NoPrunableLayersError,
                      NonFiniteError, UnreachableFloorError)
 from .estimators import ESTIMATORS, Significance, register_estimator
-from .pruning import PruneResult, StructuredResult, prune, shrink_mlp, shrink_structured
+from .pruning import (PruneResult, StructuredResult, UnitScores, prune, shrink_mlp,
+                      shrink_structured)
 from .reconstruct import LeastSquaresReconstruction
 from .search import SearchConfig, TicketSearch
 from .units import find_units
@@ -22,5 +23,5 @@ __all__ = [
     "InputMismatchError", "InvalidOptionError", "LeastSquaresReconstruction",
     "NoPrunableLayersError", "NonFiniteError",
     "PruneResult", "SearchConfig", "StructuredResult", "Significance", "TicketSearch", "UnreachableFloorError", "__version__",
-    "find_units", "prune", "register_estimator", "shrink_mlp", "shrink_structured",
+    "UnitScores", "find_units", "prune", "register_estimator", "shrink_mlp", "shrink_structured",
 ]

@@ -275,7 +275,8 @@ def run(cfg: GptConfig) -> dict:
             t0 = time.perf_counter()
             scores = _scores(method, model, search, calibration)
             result = prune(model, scores, ceiling=ceiling, eval_fn=lambda m: perplexity(m, val),
-                           structured=True, allow_unsampled=True, progress=False)
+                           structured=True, allow_unsampled=True, progress=False,
+                           example_inputs=val[0][0])
             small = result.structured.model
             curve = [perplexity(prune(model, scores, sparsity=s, structured=False,
                                       allow_unsampled=True, progress=False).model, test)

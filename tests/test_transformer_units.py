@@ -210,7 +210,9 @@ def test_shrink_equals_mask(kind):
     heads = layout.groups[0].param_name
     scores[heads] = torch.ones(H)
     scores[heads][torch.randperm(H)[:2]] = 0.0
-    result = prune(model, scores, sparsity=0.5, progress=False)
+    # A custom model: prune needs one input to discover its structure.
+    example = torch.randn(2, 5, D, dtype=torch.float64)
+    result = prune(model, scores, sparsity=0.5, progress=False, example_inputs=example)
     small = result.structured.model
     assert result.structured.parameters < result.structured.dense_parameters
     kept = int(result.unit_masks[heads].sum())
@@ -289,4 +291,5 @@ def test_bad_attention_blocks_raise_naming_them():
         find_units(odd, "structured")
     model, _ = _model("linear")
     with pytest.raises(InputMismatchError, match="not a recognised attention block"):
-        prune(model, {"mlp.heads": torch.ones(2)}, sparsity=0.1, progress=False)
+        prune(model, {"mlp.heads": torch.ones(2)}, sparsity=0.1, progress=False,
+              example_inputs=torch.randn(2, 5, D, dtype=torch.float64))
