@@ -2,7 +2,8 @@
 
 The user-facing API: :class:`TicketSearch` (attach to a training loop), its ``significance()``,
 and :func:`prune` (one-shot pruning to an accuracy floor or a sparsity, optionally refitting the
-surviving weights with :class:`LeastSquaresReconstruction`). Kernels live in the
+surviving weights with :class:`LeastSquaresReconstruction`); :func:`save_pruned` /
+:func:`load_pruned` keep a pruned model on disk. Kernels live in the
 separate :mod:`bingo_kernels` package, which this one calls.
 """
 
@@ -15,6 +16,7 @@ from .estimators import ESTIMATORS, Significance, register_estimator
 from .pruning import (PruneResult, StructuredResult, UnitScores, prune, shrink_mlp,
                       shrink_structured)
 from .reconstruct import LeastSquaresReconstruction
+from .save import load_pruned, save_pruned
 from .search import SearchConfig, TicketSearch
 from .units import find_units
 
@@ -23,5 +25,6 @@ __all__ = [
     "InputMismatchError", "InvalidOptionError", "LeastSquaresReconstruction",
     "NoPrunableLayersError", "NonFiniteError",
     "PruneResult", "SearchConfig", "StructuredResult", "Significance", "TicketSearch", "UnreachableFloorError", "__version__",
-    "UnitScores", "find_units", "prune", "register_estimator", "shrink_mlp", "shrink_structured",
+    "UnitScores", "find_units", "load_pruned", "prune", "register_estimator", "save_pruned",
+    "shrink_mlp", "shrink_structured",
 ]

@@ -10,6 +10,7 @@ scored under an alias, and clear errors.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -26,20 +27,29 @@ from test_pruning import expected_pruned, pruned_set
 from test_structure import _randomise_norms
 
 
-@pytest.fixture(autouse=True)
-def quick_timing(monkeypatch):
-    """The speedup is measured on a batch of 4 examples, 2 repeats: these tests check that it
-    is measured, not its value (bench/prune_speedup.py measures it). One thread: on a shared,
+@contextlib.contextmanager
+def quick_timing():
+    """The speedup measured on a batch of 2 examples, once: these tests check that it is
+    measured, not its value (bench/prune_speedup.py measures it). One thread: on a shared,
     oversubscribed machine two threads made MobileNet's convolutions 20-200x slower."""
     import bingo.pruning as pruning
 
-    monkeypatch.setattr(pruning, "_SPEEDUP_BATCH_EXAMPLES", 4)
-    monkeypatch.setattr(pruning, "_SPEEDUP_WARMUP", 1)
-    monkeypatch.setattr(pruning, "_SPEEDUP_REPEATS", 2)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(pruning, "_SPEEDUP_BATCH_EXAMPLES", 2)
+            patch.setattr(pruning, "_SPEEDUP_WARMUP", 1)
+            patch.setattr(pruning, "_SPEEDUP_REPEATS", 1)
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def quick():
+    with quick_timing():
+        yield
 
 
 def _model(name, seed=0):
