@@ -316,29 +316,32 @@ def _from_config(directory: Path, manifest: dict) -> nn.Module:
     return cls(config)
 
 
-# Config fields a shrink or a save may change: not compared with a model given to load_pruned.
-_CONFIG_FIELDS_CHANGED = {"head_dim", "transformers_version", "_name_or_path", "architectures",
+# Config fields a save may change besides the widths: not compared with a model given to
+# load_pruned.
+_CONFIG_FIELDS_CHANGED = {"transformers_version", "_name_or_path", "architectures",
                           "dtype", "torch_dtype", "use_cache"}
 
 
-def _check_config(model: nn.Module, directory: Path, manifest: dict) -> None:
-    """A transformers model given to load_pruned must have the saved configuration, but for
-    the widths a shrink changes."""
+def _saved_config(model: nn.Module, directory: Path, manifest: dict) -> Optional[dict]:
+    """The saved config's widths a shrink changes, to give a transformers model passed to
+    load_pruned; raises if the rest of its configuration differs from the saved one. None for
+    other models."""
     from bingo.structure.shrink import CONFIG_HEAD_ATTRIBUTES, CONFIG_WIDTH_ATTRIBUTES
 
     if not manifest.get("transformers") or not _is_transformers(model):
-        return
+        return None
     import transformers
 
     saved = transformers.AutoConfig.from_pretrained(str(directory)).to_dict()
     given = model.config.to_dict()
-    skip = _CONFIG_FIELDS_CHANGED | set(CONFIG_HEAD_ATTRIBUTES) | set(CONFIG_WIDTH_ATTRIBUTES)
+    widths = {"head_dim", *CONFIG_HEAD_ATTRIBUTES, *CONFIG_WIDTH_ATTRIBUTES}
     differ = sorted(k for k in set(saved) | set(given)
-                    if k not in skip and saved.get(k) != given.get(k))
+                    if k not in widths | _CONFIG_FIELDS_CHANGED and saved.get(k) != given.get(k))
     if differ:
         shown = ", ".join(f"{k}={given.get(k)!r} (saved {saved.get(k)!r})" for k in differ[:4])
         raise CheckpointError(f"the model given has another configuration than the save: "
                               f"{shown}")
+    return {k: saved[k] for k in widths if k in saved}
 
 
 def _check_architecture(model: nn.Module, manifest: dict, state: dict[str, Tensor]) -> None:
@@ -484,8 +487,10 @@ def load_pruned(directory: Union[str, os.PathLike], model: Optional[nn.Module] =
     elif not isinstance(model, nn.Module):
         raise InputMismatchError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_architecture(model, manifest, state)
-    _check_config(model, directory, manifest)
+    widths = _saved_config(model, directory, manifest)
     _restore(model, manifest, state, masks)
+    for name, value in (widths or {}).items():  # the config says what the model now is
+        setattr(model.config, name, value)
     return model
 
 

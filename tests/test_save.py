@@ -139,6 +139,15 @@ def test_uniformly_pruned_llama_round_trips_through_from_pretrained(fresh_proces
     torch.testing.assert_close(loaded[key]["logits"], expected[key]["logits"], rtol=0, atol=1e-6)
 
 
+def test_a_transformers_save_loads_into_a_dense_instance_too(tmp_path):
+    result, inputs = _pruned("llama", uniform=True)
+    directory = save_pruned(result, tmp_path / "uniform")
+    loaded = load_pruned(directory, zoo.build("llama", seed=7)[0])
+    assert (loaded.config.num_attention_heads, loaded.config.num_key_value_heads,
+            loaded.config.intermediate_size) == (2, 1, 24)     # the config says it, as saved
+    assert torch.equal(_logits(loaded, inputs), _logits(result.structured.model, inputs))
+
+
 def test_tied_weights_are_stored_once(tmp_path):
     result, _ = _pruned("llama_tied")
     directory = save_pruned(result, tmp_path / "tied")
