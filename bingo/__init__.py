@@ -2,7 +2,8 @@
 
 The user-facing API: :class:`TicketSearch` (attach to a training loop), its ``significance()``,
 and :func:`prune` (one-shot pruning to an accuracy floor or a sparsity, optionally refitting the
-surviving weights with :class:`LeastSquaresReconstruction`). Kernels live in the
+surviving weights with :class:`LeastSquaresReconstruction`); :func:`save_pruned` /
+:func:`load_pruned` keep a pruned model on disk. Kernels live in the
 separate :mod:`bingo_kernels` package, which this one calls.
 
 Names are imported on first use (PEP 562), so that ``import bingo`` -- and with it the ``bingo``
@@ -22,9 +23,10 @@ _EXPORTS: dict[str, str] = {
                      "NoPrunableLayersError", "NonFiniteError", "UnreachableFloorError"),
                     "errors"),
     **dict.fromkeys(("ESTIMATORS", "Significance", "register_estimator"), "estimators"),
-    **dict.fromkeys(("PruneResult", "StructuredResult", "prune", "shrink_mlp",
+    **dict.fromkeys(("PruneResult", "StructuredResult", "UnitScores", "prune", "shrink_mlp",
                      "shrink_structured"), "pruning"),
     "LeastSquaresReconstruction": "reconstruct",
+    **dict.fromkeys(("load_pruned", "save_pruned"), "save"),
     **dict.fromkeys(("SearchConfig", "TicketSearch"), "search"),
     "find_units": "units",
 }
@@ -37,8 +39,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
                          InputMismatchError, InvalidOptionError, NoPrunableLayersError,
                          NonFiniteError, UnreachableFloorError)
     from .estimators import ESTIMATORS, Significance, register_estimator
-    from .pruning import PruneResult, StructuredResult, prune, shrink_mlp, shrink_structured
+    from .pruning import (PruneResult, StructuredResult, UnitScores, prune, shrink_mlp,
+                          shrink_structured)
     from .reconstruct import LeastSquaresReconstruction
+    from .save import load_pruned, save_pruned
     from .search import SearchConfig, TicketSearch
     from .units import find_units
 

@@ -1,16 +1,25 @@
-"""One-shot pruning from significance scores, and structured shrinking of pruned MLPs.
+"""One-shot pruning from significance scores, and physically smaller ("shrunk") models.
 
-After training, the ticket search has produced a score per unit (a weight element, or a whole
-output neuron / channel). :func:`prune` ranks every unit of every scored layer globally and
-removes the lowest-ranked ones, either a fixed number (``sparsity=``) or as many as an accuracy
-floor allows (``floor=`` with ``eval_fn``), or, for a lower-is-better metric such as perplexity, as
-many as a ceiling allows (``ceiling=``). The pruned model uses :mod:`torch.nn.utils.prune`
-masks, so the usual tools (``prune.remove``, ``prune.is_pruned``) work on it.
+After training, the ticket search has produced a score per unit. :func:`prune` ranks every unit
+of every scored layer (or unit group) globally and removes the lowest-ranked ones, either a fixed
+number (``sparsity=``) or as many as an accuracy floor allows (``floor=`` with ``eval_fn``), or,
+for a lower-is-better metric such as perplexity, as many as a ceiling allows (``ceiling=``). The
+pruned model uses :mod:`torch.nn.utils.prune` masks, so the usual tools (``prune.remove``,
+``prune.is_pruned``) work on it.
 
-For neuron-granularity scores on a plain MLP, :func:`shrink_mlp` turns the masked model into a
-physically smaller one that computes exactly the same function; for structured scores (attention
-heads keyed ``"<block>.heads"`` and MLP-block neurons, see :func:`bingo.units.find_units`),
-:func:`shrink_structured` does the same for transformers.
+What a unit is (the *granularity*, see :func:`prune` for how it is chosen):
+
+* ``"weight"``: one element of an nn.Linear / nn.Conv2d weight (scores shaped like the weight);
+* ``"neuron"``: one output row / channel of one layer with its bias entry (scores ``(out,)``),
+  nothing else: a per-layer unit;
+* ``"structured"``: one unit of a unit group of :func:`bingo.structure.discover` (scores keyed by
+  the group's key, ``(num_units,)``): every slice the unit owns is masked, the producers' rows, the
+  consumers' columns, BatchNorm entries, a head's q/k/v rows and o columns.
+
+For structured scores on any model the structure layer understands, and for neuron scores on a
+plain MLP, ``prune`` also returns the physically smaller model
+(:func:`bingo.structure.shrink.shrink`, :func:`shrink_mlp`) with its measured CPU speedup.
+:func:`bingo.save.save_pruned` / :func:`bingo.save.load_pruned` keep either model on disk.
 """
 
 from __future__ import annotations
@@ -40,19 +49,26 @@ from bingo.errors import (
     require_option,
 )
 from bingo.executor import ModelStructure
-from bingo.attention import HeadLayout, head_layout, param_head_masks, shrink_heads
 from bingo.reconstruct import LeastSquaresReconstruction as Reconstruction
-from bingo.units import HEADS_KEY, layer_kind, linear_names, mlp_problem
+from bingo.structure import HEADS_KEY, Structure, StructureGroup, discover, example_inputs_for
+from bingo.structure.shrink import _outputs as _forward
+from bingo.structure.shrink import shrink
+from bingo.structure.trace import canonical_names
+from bingo.units import GRANULARITIES, layer_kind, linear_names, mlp_problem
 
-__all__ = ["PruneResult", "StructuredResult", "prune", "shrink_mlp", "shrink_structured"]
+__all__ = ["PruneResult", "StructuredResult", "UnitScores", "plain_copy", "prune", "shrink_mlp",
+           "shrink_structured", "torch_prune_masks"]
 
 EvalFn = Callable[[nn.Module], float]
 
 
 STRUCTURED_CHOICES = ("auto", True, False)
 
-# Timing of the structured speedup: a fixed batch, a few warm-up passes, then the median.
+# Timing of the structured speedup: a fixed batch, a few warm-up passes, then the median. An MLP
+# gets a batch of rows; other models their example inputs repeated to a batch of examples (a
+# sequence or an image each, so fewer).
 _SPEEDUP_BATCH_ROWS = 256
+_SPEEDUP_BATCH_EXAMPLES = 32
 _SPEEDUP_WARMUP = 3
 _SPEEDUP_REPEATS = 15
 
@@ -64,7 +80,8 @@ _SPEEDUP_REPEATS = 15
 
 @dataclass
 class StructuredResult:
-    """A physically smaller copy of a neuron-pruned MLP (see :func:`shrink_mlp`)."""
+    """A physically smaller copy of a pruned model: structured scores on any model
+    (:func:`bingo.structure.shrink.shrink`), neuron scores on a plain MLP (:func:`shrink_mlp`)."""
 
     model: nn.Module = field(repr=False)
     """The shrunk model (an nn.Sequential for an MLP); its outputs equal the masked model's."""
@@ -73,8 +90,8 @@ class StructuredResult:
     dense_parameters: int
     """Number of parameters of the unpruned model."""
     speedup: float | None
-    """Measured CPU inference speedup: median dense forward time / median shrunk forward time
-    (MLPs; None for other models, whose inputs bingo cannot synthesise)."""
+    """Measured CPU inference speedup: median dense forward time / median shrunk forward time,
+    timed interleaved on a batch of the example inputs (256 random rows for an MLP)."""
 
 
 @dataclass
@@ -88,7 +105,8 @@ class PruneResult:
     unit_masks: dict[str, Tensor] = field(repr=False)
     """Score key -> bool keep-mask in the score's shape."""
     granularity: str
-    """"weight" (each weight element is a unit) or "neuron" (each output row/channel is)."""
+    """"weight" (each weight element is a unit), "neuron" (each output row/channel of one layer
+    is) or "structured" (each unit of a structure group is; see the module docstring)."""
     pruned_units: int
     """Number of units removed."""
     total_units: int
@@ -112,6 +130,8 @@ class PruneResult:
     """The ceiling asked for (lower-is-better eval_fn, e.g. perplexity), or None."""
     reconstructed: list[str] | None = None
     """Layers whose surviving weights ``reconstruct=`` refitted (forward order), or None."""
+    structured_note: str | None = None
+    """Why ``structured`` is None (``structured="auto"`` could not shrink), or None."""
 
     def export_state_dict(self) -> dict[str, Tensor]:
         """A plain state_dict of the pruned model: usual names (no _orig/_mask), zeros where pruned.
@@ -131,7 +151,10 @@ class PruneResult:
         return plain
 
     def save_safetensors(self, path: str) -> None:
-        """Write :meth:`export_state_dict` to ``path`` in the safetensors format."""
+        """Write :meth:`export_state_dict` to ``path`` in the safetensors format: one file, the
+        masked model's plain state (zeros where pruned, tied tensors under each name), no masks
+        and no shapes. To load a pruned model back (masked or shrunk, any architecture, in a
+        fresh process), use :func:`bingo.save.save_pruned` / :func:`bingo.save.load_pruned`."""
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in self.export_state_dict().items()}, str(path))
@@ -158,6 +181,19 @@ class PruneResult:
 # --------------------------------------------------------------------------------------------
 
 
+class UnitScores(dict):
+    """A score dict that says what it scores, for :func:`prune` to read (as it reads
+    :class:`bingo.Significance`): ``granularity`` (``"weight"``, ``"neuron"`` or
+    ``"structured"``, see the module docstring) and ``coverage`` (sample counts, or None)."""
+
+    def __init__(self, scores: Mapping[str, Tensor], granularity: str,
+                 coverage: Mapping[str, Tensor] | None = None):
+        require_option("granularity", granularity, GRANULARITIES)
+        super().__init__(scores)
+        self.granularity = granularity
+        self.coverage = coverage
+
+
 def _weight_unit_shape(weight: Tensor) -> tuple[int, ...]:
     return tuple(weight.shape)
 
@@ -166,7 +202,7 @@ def _neuron_unit_shape(weight: Tensor) -> tuple[int, ...]:
     return (weight.shape[0],)
 
 
-# Granularity name -> the score shape it implies for a weight.
+# Granularity name -> the score shape it implies for a weight (per-layer scores).
 UNIT_SHAPES: dict[str, Callable[[Tensor], tuple[int, ...]]] = {
     "weight": _weight_unit_shape,
     "neuron": _neuron_unit_shape,
@@ -175,24 +211,45 @@ UNIT_SHAPES: dict[str, Callable[[Tensor], tuple[int, ...]]] = {
 
 @dataclass
 class _ScoredLayer:
-    """One scored weight, with its scores flattened in ranking order."""
+    """One scored weight (per-layer scores) or unit group (structured scores), with its scores
+    flattened in ranking order."""
 
     key: str
-    """The weight's parameter name, e.g. "1.weight"."""
+    """The score key: a weight's canonical parameter name ("1.weight"), or a group's key."""
     module_name: str
-    """Name of the nn.Linear / nn.Conv2d owning the weight."""
+    """The nn.Linear / nn.Conv2d the score key names (an alias's own module for a tied
+    weight), or the group's module."""
     unit_shape: tuple[int, ...]
     """Shape of the score tensor (= of the unit mask)."""
     scores: Tensor
     """Flat scores on the CPU."""
     coverage: Tensor | None
     """Flat sample counts on the CPU, or None when the scores carry no coverage."""
-    heads: bool = False
-    """Whether the key names an attention block's heads (``"<block>.heads"``)."""
+    unit: str = "weight"
+    """What a unit is: a key of :data:`PARAM_MASKS` (per-layer), or ``"structured"``."""
+    group: StructureGroup | None = field(default=None, repr=False)
+    """The unit group (structured scores)."""
+    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
+    """Structured scores: the structure's parameter shapes."""
+    parameters: tuple[str, ...] = ()
+    """Structured scores: the group's slices that are parameters (buffers, such as BatchNorm
+    statistics, need no mask: the consumers' columns are masked)."""
+    canonical: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """Per-layer scores: tied alias -> canonical parameter name."""
 
     @property
     def units(self) -> int:
         return self.scores.numel()
+
+    def param_masks(self, unit_mask: Tensor, model: nn.Module) -> dict[str, Tensor]:
+        """Canonical parameter name -> keep-mask of its shape, for this layer's unit mask."""
+        if self.group is not None:
+            masks = self.group.param_masks(unit_mask, self.shapes)
+            return {name: masks[name].contiguous() for name in self.parameters}
+        module = model.get_submodule(self.module_name)
+        prefix = f"{self.module_name}." if self.module_name else ""
+        return {self.canonical.get(prefix + p, prefix + p): mask
+                for p, mask in PARAM_MASKS[self.unit](unit_mask, module).items()}
 
 
 def _module_of(model: nn.Module, key: str) -> tuple[str, nn.Module]:
@@ -200,52 +257,64 @@ def _module_of(model: nn.Module, key: str) -> tuple[str, nn.Module]:
     return module_name, model.get_submodule(module_name)
 
 
-def _head_layout_of(key: str, model: nn.Module) -> HeadLayout | None:
-    """The heads a ``"<block>.heads"`` score key names, or None for other keys."""
-    module_name, _, last = key.rpartition(".")
-    if last != HEADS_KEY:
-        return None
-    try:
-        module = model.get_submodule(module_name)
-    except AttributeError:
-        return None
-    return head_layout(module_name, module)
+def _names_heads(key: Any) -> bool:
+    return isinstance(key, str) and key.rpartition(".")[2] == HEADS_KEY
 
 
-def _check_key(key: str, model: nn.Module, params: Mapping[str, Tensor]) -> tuple[str, Tensor]:
-    """Return (module_name, weight) for a score key, or raise naming what is wrong with it."""
+def _requested_granularity(scores: Mapping[str, Tensor], granularity: str | None) -> str | None:
+    """The granularity to prune at: ``granularity=``, else the scores' own ``granularity``
+    attribute, else ``"structured"`` when a key names heads; None: per layer, each score's
+    shape says weight or neuron."""
+    carried = getattr(scores, "granularity", None)
+    for what, value in (("granularity", granularity), ("scores.granularity", carried)):
+        if value is not None:
+            require_option(what, value, GRANULARITIES)
+    if granularity is not None and carried is not None and granularity != carried:
+        raise InvalidOptionError(
+            f"granularity={granularity!r} contradicts the scores, which score {carried!r} units")
+    if granularity is not None or carried is not None:
+        return granularity or carried
+    return "structured" if any(_names_heads(k) for k in scores) else None
+
+
+def _check_key(key: str, model: nn.Module, params: Mapping[str, Tensor],
+               canonical: Mapping[str, str]) -> tuple[str, Tensor]:
+    """Return (module_name, weight) for a per-layer score key (a tied alias names the same
+    weight as its canonical name), or raise naming what is wrong with it."""
     if not isinstance(key, str):
         raise InputMismatchError(f"score keys must be parameter names (str); got {key!r}")
-    if key.rpartition(".")[2] == HEADS_KEY and key not in params:
-        raise InputMismatchError(
-            f"score key '{key}' names heads, but '{key.rpartition('.')[0]}' is not a recognised "
-            "attention block (nn.MultiheadAttention, or one declared with "
-            "bingo.attention.declare_heads)")
-    if key not in params:
-        if key + "_orig" in params:
+    name = canonical.get(key, key)
+    if name not in params:
+        if canonical.get(key + "_orig", key + "_orig") in params:
             raise InputMismatchError(
                 f"'{key}' is already pruned with torch.nn.utils.prune; call prune.remove on it "
                 "(or pass the unpruned model) before pruning again"
             )
         raise InputMismatchError(
             f"score key '{key}' is not a parameter of the model "
-            f"(parameters: {', '.join(list(params)[:8])}{', ...' if len(params) > 8 else ''})"
+            f"(parameters: {', '.join(list(params)[:8])}{', ...' if len(params) > 8 else ''}); "
+            "scores keyed by unit groups (bingo.structure) need granularity='structured'"
         )
-    module_name, module = _module_of(model, key)
-    if key.rpartition(".")[2] != "weight" or layer_kind(module) is None:
-        raise InputMismatchError(
-            f"score key '{key}' is not the weight of an nn.Linear, nn.Conv2d or Conv1D layer "
-            f"(it belongs to {type(module).__name__})"
-        )
-    return module_name, params[key]
+    # A tied weight is prunable where any of its names is a layer's weight (an embedding tied
+    # to the LM head): that layer's rows and bias are the per-layer units.
+    tied = [key] + [a for a, c in canonical.items() if c == name and a != key]
+    for alias in tied:
+        module_name, module = _module_of(model, alias)
+        if alias.rpartition(".")[2] == "weight" and layer_kind(module) is not None:
+            return module_name, params[name]
+    raise InputMismatchError(
+        f"score key '{key}' is not the weight of an nn.Linear, nn.Conv2d or Conv1D layer "
+        f"(it belongs to {type(_module_of(model, key)[1]).__name__})"
+    )
 
 
-def _granularity_of(key: str, score: Tensor, weight: Tensor) -> str:
+def _granularity_of(key: str, score: Tensor, weight: Tensor, wanted: str | None) -> str:
     for name, shape_of in UNIT_SHAPES.items():
-        if tuple(score.shape) == shape_of(weight):
+        if tuple(score.shape) == shape_of(weight) and wanted in (None, name):
             return name
     expected = " or ".join(
         f"{tuple(shape_of(weight))} ({name})" for name, shape_of in UNIT_SHAPES.items()
+        if wanted in (None, name)
     )
     raise InputMismatchError(
         f"scores['{key}'] has shape {tuple(score.shape)}; expected {expected}"
@@ -296,10 +365,83 @@ def _flat_coverage(key: str, coverage: Any, score: Tensor) -> Tensor:
     return flat
 
 
+def _once(key: str, name: str, seen: dict[str, str]) -> None:
+    """Refuse two score keys for one parameter or group (a tied weight and its alias)."""
+    if name in seen:
+        raise InputMismatchError(f"scores['{seen[name]}'] and scores['{key}'] both score "
+                                 f"'{name}' (tied names of one parameter); score it once")
+    seen[name] = key
+
+
+def _per_layer(model: nn.Module, scores: Mapping[str, Tensor], wanted: str | None,
+               coverage: Mapping[str, Tensor] | None) -> tuple[list[_ScoredLayer], str]:
+    params = dict(model.named_parameters())
+    _, names = canonical_names(model)
+    canonical = {alias: name for name, aliases in names.items() for alias in aliases}
+    layers: list[_ScoredLayer] = []
+    granularities: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for key, score in scores.items():
+        flat = _flat_cpu(key, "scores", score)
+        module_name, weight = _check_key(key, model, params, canonical)
+        _once(key, canonical.get(key, key), seen)
+        granularities[key] = _granularity_of(key, score, weight, wanted)
+        cov = None if coverage is None else _flat_coverage(key, coverage[key], score)
+        layers.append(_ScoredLayer(canonical.get(key, key), module_name, tuple(score.shape), flat,
+                                   cov, granularities[key], canonical=canonical))
+    kinds = set(granularities.values())
+    if len(kinds) > 1:
+        detail = ", ".join(f"'{k}': {g}" for k, g in granularities.items())
+        raise InvalidOptionError(f"all scores must share one granularity; got a mix ({detail})")
+    return layers, kinds.pop()
+
+
+def _unknown_group(key: str, structure: Structure) -> InputMismatchError:
+    groups = structure.keys()
+    listed = f"{', '.join(groups[:8])}{', ...' if len(groups) > 8 else ''}" or "none"
+    if _names_heads(key):
+        return InputMismatchError(
+            f"score key '{key}' names heads, but '{key.rpartition('.')[0]}' is not a recognised "
+            f"attention block: the model's structure has no head group there (groups: {listed})")
+    why = structure.blocked.get(structure.canonical(key))
+    if why is not None:
+        return InputMismatchError(f"score key '{key}' names units that cannot be removed: {why}")
+    return InputMismatchError(
+        f"score key '{key}' is not a unit group of the model's structure (groups: {listed})")
+
+
+def _grouped(model: nn.Module, scores: Mapping[str, Tensor], structure: Structure,
+             coverage: Mapping[str, Tensor] | None) -> list[_ScoredLayer]:
+    params = dict(model.named_parameters())
+    keys = set(structure.keys())
+    layers: list[_ScoredLayer] = []
+    seen: dict[str, str] = {}
+    for key, score in scores.items():
+        if not isinstance(key, str):
+            raise InputMismatchError(f"score keys must be unit group keys (str); got {key!r}")
+        name = key if key in keys else structure.canonical(key)
+        if name not in keys:
+            raise _unknown_group(key, structure)
+        _once(key, name, seen)
+        group = structure.group(name)
+        flat = _flat_cpu(key, "scores", score)
+        if tuple(score.shape) != (group.num_units,):
+            raise InputMismatchError(
+                f"scores['{key}'] has shape {tuple(score.shape)}; expected ({group.num_units},) "
+                f"(one per unit of the {group.kind} group)")
+        cov = None if coverage is None else _flat_coverage(key, coverage[key], score)
+        layers.append(_ScoredLayer(
+            name, group.module, (group.num_units,), flat, cov, "structured", group=group,
+            shapes=structure.shapes, parameters=tuple(p for p in group.params() if p in params)))
+    return layers
+
+
 def _scored_layers(
-    model: nn.Module, scores: Mapping[str, Tensor]
-) -> tuple[list[_ScoredLayer], str]:
-    """Validate ``scores`` against ``model``; return the layers in key order and the granularity."""
+    model: nn.Module, scores: Mapping[str, Tensor], granularity: str | None = None,
+    example_inputs: Any = None,
+) -> tuple[list[_ScoredLayer], str, Structure | None]:
+    """Validate ``scores`` against ``model``; return the layers in key order, the granularity
+    and, for structured scores, the model's structure."""
     if not isinstance(model, nn.Module):
         raise InputMismatchError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(scores, Mapping):
@@ -308,31 +450,19 @@ def _scored_layers(
         )
     if len(scores) == 0:
         raise NoPrunableLayersError("scores is empty: there is no layer to prune")
-    params = dict(model.named_parameters())
+    wanted = _requested_granularity(scores, granularity)
     coverage = _checked_coverage(scores)
-    layers: list[_ScoredLayer] = []
-    granularities: dict[str, str] = {}
-    for key, score in scores.items():
-        heads = _head_layout_of(key, model)
-        flat = _flat_cpu(key, "scores", score)
-        if heads is not None:
-            if tuple(score.shape) != (heads.num_heads,):
-                raise InputMismatchError(f"scores['{key}'] has shape {tuple(score.shape)}; "
-                                         f"expected ({heads.num_heads},) (one per head)")
-            module_name, granularities[key] = heads.name, "head"
-        else:
-            module_name, weight = _check_key(key, model, params)
-            granularities[key] = _granularity_of(key, score, weight)
-        cov = None if coverage is None else _flat_coverage(key, coverage[key], score)
-        layers.append(_ScoredLayer(key, module_name, tuple(score.shape), flat, cov,
-                                   heads is not None))
-    kinds = set(granularities.values())
-    if "head" in kinds and kinds <= {"head", "neuron"}:
-        return layers, "structured"  # heads with MLP neurons: the structured unit set
-    if len(kinds) > 1:
-        detail = ", ".join(f"'{k}': {g}" for k, g in granularities.items())
-        raise InvalidOptionError(f"all scores must share one granularity; got a mix ({detail})")
-    return layers, kinds.pop()
+    if wanted != "structured":
+        return (*_per_layer(model, scores, wanted, coverage), None)
+    masked = torch_prune_masks(model)
+    if masked:
+        raise InputMismatchError(
+            f"the model is already pruned with torch.nn.utils.prune ({', '.join(masked)}); "
+            "call prune.remove on it (or pass the unpruned model) before pruning again")
+    # Discovered on the caller's model (a structure cached by a search is reused); it names
+    # parameters, so it holds for the working copy too.
+    structure = discover(model, example_inputs)
+    return _grouped(model, scores, structure, coverage), wanted, structure
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,19 +553,17 @@ def _unit_masks(
 
 
 def _param_masks(
-    layers: list[_ScoredLayer], unit_masks: dict[str, Tensor], granularity: str, model: nn.Module
+    layers: list[_ScoredLayer], unit_masks: dict[str, Tensor], model: nn.Module
 ) -> dict[str, Tensor]:
-    masks = {}
+    """Canonical parameter name -> keep-mask, on the parameter's device. A parameter in several
+    layers' masks (a Linear whose rows are units of one group and columns of another) gets the
+    AND of them."""
+    params = dict(model.named_parameters())
+    masks: dict[str, Tensor] = {}
     for layer in layers:
-        module = model.get_submodule(layer.module_name)
-        if layer.heads:  # keep-masks of the kept heads' rows and columns
-            masks.update(param_head_masks(head_layout(layer.module_name, module),
-                                          unit_masks[layer.key]))
-            continue
-        prefix = f"{layer.module_name}." if layer.module_name else ""
-        unit_kind = "neuron" if granularity == "structured" else granularity
-        for pname, mask in PARAM_MASKS[unit_kind](unit_masks[layer.key], module).items():
-            masks[prefix + pname] = mask
+        for name, mask in layer.param_masks(unit_masks[layer.key], model).items():
+            mask = mask.to(params[name].device)
+            masks[name] = mask if name not in masks else masks[name] & mask
     return masks
 
 
@@ -446,17 +574,15 @@ class _MaskWriter:
     """
 
     def __init__(
-        self, model: nn.Module, layers: list[_ScoredLayer], granularity: str, ranking: _Ranking,
+        self, model: nn.Module, layers: list[_ScoredLayer], ranking: _Ranking,
         reconstruct: Reconstruction | None = None,
     ):
         self.model = model
         self.layers = layers
-        self.granularity = granularity
         self.ranking = ranking
         self.reconstruct = reconstruct
         self.params = dict(model.named_parameters())
-        names = set(_param_masks(layers, _unit_masks(layers, ranking, 0, model), granularity,
-                                 model))
+        names = set(_param_masks(layers, _unit_masks(layers, ranking, 0, model), model))
         if reconstruct is not None:  # it rewrites unmasked parameters too
             names.update(reconstruct.parameter_names(model))
         self.originals = {name: self.params[name].detach().clone() for name in names}
@@ -464,7 +590,7 @@ class _MaskWriter:
     @torch.no_grad()
     def write(self, count: int) -> None:
         unit_masks = _unit_masks(self.layers, self.ranking, count, self.model)
-        masks = _param_masks(self.layers, unit_masks, self.granularity, self.model)
+        masks = _param_masks(self.layers, unit_masks, self.model)
         if self.reconstruct is not None:
             self.restore()
         _write_masked(self.params, self.originals, masks)
@@ -534,11 +660,53 @@ class _DetachMasked:
 
 
 def _apply_torch_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
+    """torch.nn.utils.prune masks on every module that holds a masked parameter (a tied weight
+    under each of its names, so that every use of it is masked)."""
+    _, names = canonical_names(model)
     for name, mask in masks.items():
-        module_name, _, pname = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        torch_prune.custom_from_mask(module, pname, mask)
-        _DetachMasked.attach(module, pname)
+        for alias in names.get(name, [name]):
+            module_name, _, pname = alias.rpartition(".")
+            module = model.get_submodule(module_name)
+            torch_prune.custom_from_mask(module, pname, mask)
+            _DetachMasked.attach(module, pname)
+
+
+def torch_prune_masks(model: nn.Module) -> dict[str, Tensor]:
+    """Tensor name -> keep-mask of every tensor of ``model`` that :mod:`torch.nn.utils.prune`
+    reparametrises (``weight_orig`` * ``weight_mask``), under its plain name (``"0.weight"``)."""
+    out = {}
+    for module_name, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, torch_prune.BasePruningMethod):
+                name = hook._tensor_name
+                prefix = f"{module_name}." if module_name else ""
+                out[prefix + name] = getattr(module, name + "_mask")
+    return out
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every :mod:`torch.nn.utils.prune` mask made permanent
+    (plain parameters holding the masked values; tied parameters stay one parameter); a plain
+    copy if nothing is masked."""
+    masked = torch_prune_masks(model)
+    # A masked tensor's value (orig * mask, computed) is not a graph leaf, which deepcopy
+    # refuses when the masks were set outside bingo (no _DetachMasked hook): copy with
+    # detached values (the forward hook recomputes them), then restore.
+    computed = []
+    try:
+        for name in masked:
+            module_name, _, tensor = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            computed.append((module, tensor, getattr(module, tensor)))
+            setattr(module, tensor, getattr(module, tensor).detach())
+        copied = copy.deepcopy(model)
+    finally:
+        for module, tensor, value in computed:
+            setattr(module, tensor, value)
+    for name in masked:
+        module_name, _, tensor = name.rpartition(".")
+        torch_prune.remove(copied.get_submodule(module_name), tensor)
+    return copied
 
 
 # --------------------------------------------------------------------------------------------
@@ -816,120 +984,121 @@ def shrink_mlp(model: nn.Module, unit_masks: Mapping[str, Tensor]) -> nn.Sequent
     return nn.Sequential(*children).train(model.training)
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` at ``name`` in ``model``; returns the model (``new`` itself when name is "")."""
-    if not name:
-        return new
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
-    return model
+def shrink_structured(model: nn.Module, unit_masks: Mapping[str, Tensor], *,
+                      example_inputs: Any = None) -> nn.Module:
+    """A physically smaller copy of ``model`` without the units ``unit_masks`` removes, for any
+    model the structure layer understands (:func:`bingo.structure.shrink.shrink`: attention
+    heads or key/value groups, MLP neurons, conv channels with their BatchNorm entries;
+    nn.MultiheadAttention becomes a :class:`bingo.attention.PrunedMultiheadAttention`).
 
-
-def _mlp_block_masks(model: nn.Module, unit_masks: Mapping[str, Tensor]
-                     ) -> dict[str, dict[str, Tensor]]:
-    """Neuron masks grouped by the MLP block (nn.Sequential) holding their Linear."""
-    blocks: dict[str, dict[str, Tensor]] = {}
-    for key, mask in unit_masks.items():
-        if key.rpartition(".")[2] == HEADS_KEY and _head_layout_of(key, model) is not None:
-            continue
-        linear = key.rpartition(".")[0]
-        block, _, child = linear.rpartition(".")
-        parent = model.get_submodule(block) if block else None
-        problem = None if parent is None else mlp_problem(parent)
-        if not child or problem is not None:
-            raise InputMismatchError(
-                f"cannot shrink '{key}': its Linear is not inside an MLP block ("
-                f"{problem or 'no parent nn.Sequential'}); structured shrinking removes heads "
-                "and hidden neurons of nn.Sequential MLP blocks")
-        blocks.setdefault(block, {})[f"{child}.weight"] = mask
-    return blocks
-
-
-def shrink_structured(model: nn.Module, unit_masks: Mapping[str, Tensor]) -> nn.Module:
-    """A physically smaller copy of ``model`` without the pruned heads and MLP neurons.
-
-    ``unit_masks`` maps ``"<attention block>.heads"`` to a bool keep-mask over its heads and the
-    weight name of a hidden Linear of an nn.Sequential MLP block to a keep-mask over its neurons
-    (as in :attr:`PruneResult.unit_masks` of structured scores). Heads lose their q/k/v rows and
-    o-projection columns (:func:`bingo.attention.shrink_heads`; nn.MultiheadAttention becomes a
-    :class:`bingo.attention.PrunedMultiheadAttention`), MLP blocks are shrunk by
-    :func:`shrink_mlp`. ``model`` may be dense or masked; it is not modified. The result computes
-    what the masked model computes (a pruned head contributes nothing: its o columns are zero).
+    ``unit_masks`` maps structure-group keys (``"<attention block>.heads"``, the first weight of
+    an MLP or of a channel group) to bool keep-masks over the group's units, as
+    :attr:`PruneResult.unit_masks` of structured scores. ``model`` may be dense or masked
+    (torch.nn.utils.prune); it is not modified. ``example_inputs``: one batch the model takes,
+    to trace it and to check the result (built from the config of transformers models and
+    MLPs when None). The result computes what the model with every slice of the removed units
+    zeroed computes; the shrink checks that on the example inputs and raises otherwise.
     """
-    small = copy.deepcopy(model)
-    for key, mask in unit_masks.items():
-        layout = _head_layout_of(key, small)
-        if layout is not None:
-            small = _replace(small, layout.name, shrink_heads(layout, mask.bool().cpu()))
-    for block, masks in _mlp_block_masks(small, unit_masks).items():
-        small = _replace(small, block, shrink_mlp(small.get_submodule(block), masks))
-    return small
+    if torch_prune_masks(model):
+        model = plain_copy(model)
+    return shrink(model, dict(unit_masks), example_inputs=example_inputs)
 
 
 def _parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def median_seconds_interleaved(models: list[nn.Module], batch: Tensor) -> list[float]:
-    """Median forward time of each model; runs alternate so drift in machine load hits all alike."""
+def median_seconds_interleaved(models: list[nn.Module], batch: Any) -> list[float]:
+    """Median forward time of each model on ``batch`` (a tensor, a tuple of positional
+    arguments or a dict of keyword arguments); runs alternate so drift in machine load hits all
+    alike."""
     times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
         for _ in range(_SPEEDUP_WARMUP):
             for m in models:
-                m(batch)
+                _forward(m, batch)
         for _ in range(_SPEEDUP_REPEATS):
             for i, m in enumerate(models):
                 start = time.perf_counter()
-                m(batch)
+                _forward(m, batch)
                 times[i].append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
 
 
-def _measured_speedup(dense: nn.Sequential, small: nn.Sequential) -> float:
-    """CPU speedup of ``small`` over ``dense`` (a plain MLP this function may move and modify)."""
-    first = dense.get_submodule(linear_names(dense)[0])
-    dense_cpu = dense.cpu().eval()
-    small_cpu = copy.deepcopy(small).cpu().eval()
+def _timing_batch(inputs: Any, size: int = _SPEEDUP_BATCH_EXAMPLES) -> Any:
+    """``inputs`` on the CPU, every tensor repeated along its first (batch) dimension to
+    ``size`` examples."""
+    if isinstance(inputs, Tensor):
+        if inputs.dim() == 0:
+            return inputs.cpu()
+        repeats = -(-size // max(inputs.shape[0], 1))
+        return inputs.cpu().repeat(repeats, *([1] * (inputs.dim() - 1)))[:size]
+    if isinstance(inputs, dict):
+        return {k: _timing_batch(v, size) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_timing_batch(v, size) for v in inputs)
+    return inputs
+
+
+def _mlp_timing_batch(mlp: nn.Sequential) -> Tensor:
+    first = mlp.get_submodule(linear_names(mlp)[0])
     generator = torch.Generator().manual_seed(0)
-    batch = torch.randn(
-        _SPEEDUP_BATCH_ROWS, first.in_features, generator=generator, dtype=first.weight.dtype
-    )
-    dense_s, small_s = median_seconds_interleaved([dense_cpu, small_cpu], batch)
+    return torch.randn(_SPEEDUP_BATCH_ROWS, first.in_features, generator=generator,
+                       dtype=first.weight.dtype)
+
+
+def _measured_speedup(dense: nn.Module, small: nn.Module, batch: Any) -> float:
+    """CPU inference speedup of ``small`` over ``dense`` on ``batch`` (CPU copies of both are
+    timed in eval mode; a batch the models refuse falls back to its first example)."""
+    dense_cpu = copy.deepcopy(dense).cpu().eval()
+    small_cpu = copy.deepcopy(small).cpu().eval()
+    try:
+        dense_s, small_s = median_seconds_interleaved([dense_cpu, small_cpu], batch)
+    except Exception:  # noqa: BLE001  an input without a batch dimension was repeated
+        single = _timing_batch(batch, 1)
+        dense_s, small_s = median_seconds_interleaved([dense_cpu, small_cpu], single)
     return dense_s / max(small_s, 1e-12)
 
 
-def _structured(
-    model: nn.Module, unit_masks: dict[str, Tensor], granularity: str, option: bool | str
-) -> StructuredResult | None:
-    """The shrunk model for ``structured=option``; ``model`` is still dense here."""
-    if option is False:
-        return None
+def _shrunk(model: nn.Module, unit_masks: dict[str, Tensor], granularity: str,
+            structure: Structure | None, example_inputs: Any) -> tuple[nn.Module, nn.Module, Any]:
+    """(shrunk model, the dense model to time it against, timing batch), or InputMismatchError
+    saying why ``model`` cannot be shrunk."""
     if granularity == "structured":
-        try:
-            small = shrink_structured(model, unit_masks)
-        except InputMismatchError as exc:
-            if option == "auto":
-                return None
-            raise InputMismatchError(f"structured=True: {exc}") from exc
-        return StructuredResult(model=small, parameters=_parameter_count(small),
-                                dense_parameters=_parameter_count(model), speedup=None)
-    problem = None
+        inputs = example_inputs if example_inputs is not None else example_inputs_for(model)
+        small = shrink(model, unit_masks, example_inputs=inputs, structure=structure)
+        return small, model, _timing_batch(inputs)
     if granularity != "neuron":
-        problem = f"structured shrinking needs neuron-granularity scores, got {granularity}"
-    if problem is None:
-        problem = mlp_problem(model) or _mask_problem(model, unit_masks)
+        raise InputMismatchError(
+            f"structured shrinking needs neuron-granularity or structured scores, got "
+            f"{granularity}")
+    problem = mlp_problem(model) or _mask_problem(model, unit_masks)
     if problem is not None:
+        raise InputMismatchError(problem)
+    # The dense side is a plain copy too, so that the timing compares like with like.
+    return shrink_mlp(model, unit_masks), shrink_mlp(model, {}), _mlp_timing_batch(model)
+
+
+def _structured(
+    model: nn.Module, unit_masks: dict[str, Tensor], granularity: str, option: bool | str,
+    structure: Structure | None = None, example_inputs: Any = None,
+) -> tuple[StructuredResult | None, str | None]:
+    """The shrunk model for ``structured=option``, or None and why; ``model`` is unmasked here
+    (refitted, with ``reconstruct``)."""
+    if option is False:
+        return None, "structured=False"
+    try:
+        small, dense, batch = _shrunk(model, unit_masks, granularity, structure, example_inputs)
+    except InputMismatchError as exc:
         if option == "auto":
-            return None
-        raise InputMismatchError(f"structured=True: {problem}")
-    small = shrink_mlp(model, unit_masks)
-    dense = shrink_mlp(model, {})  # a plain copy, so the timing compares like with like
+            return None, str(exc)
+        raise InputMismatchError(f"structured=True: {exc}") from exc
     return StructuredResult(
         model=small,
         parameters=_parameter_count(small),
         dense_parameters=_parameter_count(model),
-        speedup=_measured_speedup(dense, small),
-    )
+        speedup=_measured_speedup(dense, small, batch),
+    ), None
 
 
 # --------------------------------------------------------------------------------------------
@@ -989,7 +1158,6 @@ def _check_reconstruct(reconstruct: Any) -> None:
 def _floor_count(
     work: nn.Module,
     layers: list[_ScoredLayer],
-    granularity: str,
     ranking: _Ranking,
     bound: _Bound,
     eval_fn: EvalFn,
@@ -998,7 +1166,7 @@ def _floor_count(
     progress: bool,
     reconstruct: Reconstruction | None,
 ) -> tuple[int, _Evaluator]:
-    writer = _MaskWriter(work, layers, granularity, ranking, reconstruct)
+    writer = _MaskWriter(work, layers, ranking, reconstruct)
     # The total is the most evaluations the search can need, fixed before it starts; a search
     # that needs fewer (no grid point fails, or a narrower cell) closes at the count it made.
     bar = tqdm(total=_most_evaluations(ranking.max_pruned, grid, tolerance), desc="bingo prune",
@@ -1030,15 +1198,23 @@ def prune(
     structured: bool | str = "auto",
     progress: bool = True,
     reconstruct: Reconstruction | None = None,
+    granularity: str | None = None,
+    example_inputs: Any = None,
 ) -> PruneResult:
     """Prune the lowest-scored units of ``model`` in one shot.
 
     Args:
         model: the trained model.
-        scores: weight parameter name (of an nn.Linear / nn.Conv2d) -> scores, shaped like the
-            weight (weight granularity) or (out_features / out_channels,) (neuron granularity).
-            Higher means keep. An attribute ``coverage`` (same keys and shapes) marks units the
-            ticket search never sampled (0); pruning those raises unless ``allow_unsampled``.
+        scores: score key -> scores, higher means keep. Per-layer scores are keyed by the weight
+            of an nn.Linear / nn.Conv2d (a tied weight by any of its names: they are one
+            parameter, kept under its canonical name) and shaped like the weight (weight
+            granularity) or (out_features / out_channels,) (neuron granularity: the rows and
+            bias entries of that layer only). Structured scores are keyed by the unit groups of
+            :func:`bingo.structure.discover` (``"<attention block>.heads"``,
+            ``"model.layers.0.mlp.gate_proj.weight"``, ...) and shaped (num_units,): a removed
+            unit loses every slice of its group. An attribute ``coverage`` (same keys and
+            shapes) marks units the ticket search never sampled (0); pruning those raises unless
+            ``allow_unsampled``.
         floor: prune as much as keeps ``eval_fn(model) >= floor``; needs ``eval_fn``.
         ceiling: prune as much as keeps ``eval_fn(model) <= ceiling`` (a lower-is-better
             metric such as perplexity); needs ``eval_fn``. Same search as ``floor``.
@@ -1049,17 +1225,31 @@ def prune(
         tolerance: the floor bisection stops when its cell is at most this many units wide.
         inplace: prune ``model`` itself instead of a deep copy.
         allow_unsampled: prune never-sampled units with a warning instead of raising.
-        structured: "auto" shrinks neuron-pruned MLPs when possible, True requires it, False skips.
+        structured: also return the physically smaller model with its measured CPU speedup
+            (``result.structured``), for structured scores on any model the structure layer can
+            shrink and for neuron scores on a plain MLP: "auto" when possible (else
+            ``result.structured_note`` says why not), True requires it, False skips it.
         progress: show a progress bar over the floor search's evaluations.
         reconstruct: refit the surviving weights after masking, e.g.
             :class:`bingo.reconstruct.LeastSquaresReconstruction` (calibration data in, no
             retraining). Every count the floor search evaluates is reconstructed first, so the
             floor holds for the reconstructed model, and so is the returned one.
+        granularity: ``"weight"``, ``"neuron"`` or ``"structured"``; None: the scores' own
+            ``granularity`` attribute (:class:`bingo.Significance`, :class:`UnitScores`), else
+            ``"structured"`` if a key names heads (``"<block>.heads"``), else per layer as each
+            score's shape says. Structured and per-layer neuron scores can have the same keys
+            and shapes (the first layer of an MLP) yet differ in what a unit is: say which.
+        example_inputs: one batch the model takes (a tensor, a tuple of positional arguments or
+            a dict of keyword arguments), for structured scores: to discover the model's
+            structure (unless it is cached, e.g. by a search), to check the shrunk model, and,
+            repeated to a batch, to time it. Built from the config of transformers models and
+            MLPs when None.
 
     Ranking is global over all scored units, lowest score first; ties go by key order, then by
-    flat index. The floor search evaluates ``grid`` counts from 0 to the most that may be pruned,
-    then bisects between the last passing grid point and the first failing one; the count chosen
-    was evaluated and passed. Never-sampled units are checked at the chosen count, so with
+    flat index. Each layer (or group) keeps at least one unit and ``min_keep`` of its units. The
+    floor search evaluates ``grid`` counts from 0 to the most that may be pruned, then bisects
+    between the last passing grid point and the first failing one; the count chosen was
+    evaluated and passed. Never-sampled units are checked at the chosen count, so with
     ``floor`` the error comes after the search.
     """
     _check_options(floor, ceiling, sparsity, eval_fn, min_keep, grid, tolerance, structured)
@@ -1067,7 +1257,7 @@ def prune(
     require_data("model tensor", model.state_dict(keep_vars=True).items())
     if isinstance(scores, Mapping):
         require_data("score", scores.items())
-    layers, granularity = _scored_layers(model, scores)
+    layers, granularity, structure = _scored_layers(model, scores, granularity, example_inputs)
     ranking = _rank(layers, min_keep)
     # One working model for everything: the floor search rewrites its weights in place, and it
     # becomes the result, so a model is deep-copied at most once.
@@ -1080,8 +1270,7 @@ def prune(
     if sparsity is None:
         bound = _Bound(float(floor), False) if floor is not None else _Bound(float(ceiling), True)
         count, evaluate = _floor_count(
-            work, layers, granularity, ranking, bound, eval_fn, grid, tolerance, progress,
-            reconstruct,
+            work, layers, ranking, bound, eval_fn, grid, tolerance, progress, reconstruct,
         )
         history = sorted(evaluate.history, key=lambda point: point["pruned_units"])
         dense_accuracy, accuracy = evaluate.accuracy[0], evaluate.accuracy[count]
@@ -1090,7 +1279,7 @@ def prune(
 
     unit_masks = _unit_masks(layers, ranking, count, work)
     _check_unsampled(layers, unit_masks, allow_unsampled)
-    masks = _param_masks(layers, unit_masks, granularity, work)
+    masks = _param_masks(layers, unit_masks, work)
 
     if sparsity is not None and eval_fn is not None:
         dense_accuracy = _accuracy_value(eval_fn(work), 0)
@@ -1099,7 +1288,7 @@ def prune(
     originals: dict[str, Tensor] = {}
     # inplace=True: whatever fails from here on (the refit, structured=True, eval_fn), the
     # caller's model is left as it came in: its values and its modules (no torch prune masks).
-    structure = ModelStructure(work)
+    kept = ModelStructure(work)
     try:
         if reconstruct is not None:
             originals = {n: params[n].detach().clone()
@@ -1107,12 +1296,13 @@ def prune(
             _write_masked(params, originals, masks)
             reconstruct(work, masks)
             reconstructed = list(reconstruct.refitted)
-        structured_result = _structured(work, unit_masks, granularity, structured)
+        structured_result, structured_note = _structured(
+            work, unit_masks, granularity, structured, structure, example_inputs)
         _apply_torch_masks(work, masks)
         if sparsity is not None and eval_fn is not None:
             accuracy = _accuracy_value(eval_fn(work), count)
     except BaseException:
-        structure.restore()
+        kept.restore()
         _restore(params, originals)
         raise
 
@@ -1134,4 +1324,5 @@ def prune(
         structured=structured_result,
         ceiling=float(ceiling) if ceiling is not None else None,
         reconstructed=reconstructed,
+        structured_note=structured_note,
     )

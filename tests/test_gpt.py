@@ -38,7 +38,7 @@ def test_tiny_gpt_end_to_end(attention):
     dense = perplexity(model, val)
     result = prune(model, search.significance(), ceiling=1.5 * dense,
                    eval_fn=lambda m: perplexity(m, val), structured=True, allow_unsampled=True,
-                   progress=False)
+                   progress=False, example_inputs=val[0][0])
     assert result.accuracy <= 1.5 * dense and result.ceiling == 1.5 * dense
     small = result.structured.model
     assert abs(perplexity(small, val) - result.accuracy) < 1e-3 * result.accuracy

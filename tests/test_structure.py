@@ -253,3 +253,27 @@ def test_bad_unit_masks_are_refused():
         shrink(model, {"1.weight": torch.zeros(300, dtype=torch.bool)}, example_inputs=inputs)
     with pytest.raises(InputMismatchError, match="no unit group"):
         structure.group("nope.weight")
+
+
+def test_shrunk_declared_heads_say_the_heads_kept():
+    """A block declared with declare_heads: the shrink updates its HeadSpec, so the shrunk
+    model is discovered again (with a stale count its heads would not divide the widths)."""
+    from bingo.attention import HEADS_ATTR, attention, declare_heads
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = 4
+            self.q, self.k, self.v, self.o = (nn.Linear(8, 8) for _ in range(4))
+            declare_heads(self, q="q", k="k", v="v", o="o", num_heads=4, num_heads_attr="heads")
+
+        def forward(self, x):
+            return x + self.o(attention(self.q(x), self.k(x), self.v(x), self.heads)[0])
+
+    model = nn.Sequential(Block(), nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 5, 8)
+    keep = torch.tensor([True, False, True, False])
+    small = shrink(model, {"0.heads": keep}, example_inputs=x)
+    assert getattr(small[0], HEADS_ATTR).num_heads == 2 and small[0].heads == 2
+    assert getattr(model[0], HEADS_ATTR).num_heads == 4 and model[0].heads == 4
+    assert discover(small, x).group("0.heads").num_units == 2

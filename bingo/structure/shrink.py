@@ -4,8 +4,10 @@
 of the kept units, then re-derives the modules' size attributes from their new parameter shapes
 (:data:`SIZE_ATTRIBUTES`: ``nn.Linear.out_features``, ``Conv1D.nf``, ``BatchNorm.num_features``,
 ...) and scales the head-count attributes of attention blocks (:data:`HEAD_ATTRIBUTES`:
-``num_heads``, ``split_size``, ...). ``nn.MultiheadAttention``, whose inner width must equal its
-embedding width, becomes a :class:`bingo.attention.PrunedMultiheadAttention`.
+``num_heads``, ``split_size``, ...; for a block declared with
+:func:`bingo.attention.declare_heads` also its ``HeadSpec`` and the attribute it names).
+``nn.MultiheadAttention``, whose inner width must equal its embedding width, becomes a
+:class:`bingo.attention.PrunedMultiheadAttention`.
 
 The result is checked, not assumed: the shrunk model's outputs on the example input must equal
 those of the model with the same units masked (every slice zeroed), or :func:`shrink` raises,
@@ -17,6 +19,7 @@ keeps the same number of heads / neurons) is updated too, so ``save_pretrained``
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Callable, Mapping, Optional
 
 import torch
@@ -160,6 +163,29 @@ def _scale_head_attributes(module: nn.Module, kept: float, changed: list[str], n
             changed.append(f"{name}.{attr}")
 
 
+def _scale_head_spec(module: nn.Module, kept: float, changed: list[str], name: str) -> None:
+    """A block declared with :func:`bingo.attention.declare_heads` keeps its head count in its
+    :class:`~bingo.attention.HeadSpec` too (and maybe in an attribute of its own name): both
+    must say the heads kept, or the next discovery of the shrunk model reads a stale count."""
+    from bingo.attention import HEADS_ATTR, HeadSpec
+
+    spec = getattr(module, HEADS_ATTR, None)
+    if not isinstance(spec, HeadSpec):
+        return
+    heads = spec.num_heads * kept
+    if abs(heads - round(heads)) > 1e-9:
+        raise InputMismatchError(
+            f"cannot shrink attention block {name!r}: its declared num_heads={spec.num_heads} "
+            f"does not scale to a whole number with {kept:.3g} of its units kept")
+    setattr(module, HEADS_ATTR, dataclasses.replace(spec, num_heads=int(round(heads))))
+    changed.append(f"{name}.{HEADS_ATTR}")
+    attr = spec.num_heads_attr
+    if attr is not None and attr not in HEAD_ATTRIBUTES and \
+            isinstance(getattr(module, attr, None), int):
+        setattr(module, attr, int(round(heads)))
+        changed.append(f"{name}.{attr}")
+
+
 def _replace_mha(model: nn.Module, name: str) -> None:
     """nn.MultiheadAttention cannot hold an inner width other than its embedding width: the
     shrunk tensors move into a PrunedMultiheadAttention."""
@@ -299,6 +325,7 @@ def shrink(model: nn.Module, unit_masks: Mapping[str, Tensor], *, example_inputs
     for block, kept in _head_blocks(structure, masks).items():
         module = small.get_submodule(block) if block else small
         _scale_head_attributes(module, kept, changed, block)
+        _scale_head_spec(module, kept, changed, block)
     for name, module in list(small.named_modules()):
         if isinstance(module, nn.MultiheadAttention) and any(
                 n.startswith(f"{name}.") or n.rpartition(".")[0] == name for n in new_values):
