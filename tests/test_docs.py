@@ -10,7 +10,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ("README.md", "docs/guide.md")
-"""Files whose ```python blocks are complete programs."""
+"""Files whose ```python blocks, run in order in one namespace, are complete programs (a later
+block may use what an earlier one made, as a reader following the page would)."""
 TEST_COMMAND = 'python -m pip install torch==2.13.0 -e ".[test]" && python -m pytest -q'
 
 
@@ -25,9 +26,10 @@ def test_python_examples_run(name, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # examples may write files
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # shared 2-core machines: see docs/demo.md#threads
+    namespace = {"__name__": "__main__"}
     try:
         for i, block in enumerate(blocks):
-            exec(compile(block, f"{name} example {i + 1}", "exec"), {"__name__": "__main__"})
+            exec(compile(block, f"{name} example {i + 1}", "exec"), namespace)
     finally:
         torch.set_num_threads(threads)
     assert capsys.readouterr().out
