@@ -2,7 +2,8 @@
 
 The user-facing API: :class:`TicketSearch` (attach to a training loop), its ``significance()``,
 and :func:`prune` (one-shot pruning to an accuracy floor or a sparsity, optionally refitting the
-surviving weights with :class:`LeastSquaresReconstruction`). Kernels live in the
+surviving weights with :class:`LeastSquaresReconstruction`), and :func:`refit` (the same refit for
+units removed with masks of your own). Kernels live in the
 separate :mod:`bingo_kernels` package, which this one calls.
 """
 
@@ -13,7 +14,7 @@ from .errors import (BackendUnavailableError, BingoError, CheckpointError, Distr
                      NonFiniteError, UnreachableFloorError)
 from .estimators import ESTIMATORS, Significance, register_estimator
 from .pruning import PruneResult, StructuredResult, prune, shrink_mlp, shrink_structured
-from .reconstruct import LeastSquaresReconstruction
+from .reconstruct import LeastSquaresReconstruction, RefitResult, refit
 from .search import SearchConfig, TicketSearch
 from .units import find_units
 
@@ -21,6 +22,6 @@ __all__ = [
     "BackendUnavailableError", "BingoError", "CheckpointError", "DistributedError", "ESTIMATORS",
     "InputMismatchError", "InvalidOptionError", "LeastSquaresReconstruction",
     "NoPrunableLayersError", "NonFiniteError",
-    "PruneResult", "SearchConfig", "StructuredResult", "Significance", "TicketSearch", "UnreachableFloorError", "__version__",
-    "find_units", "prune", "register_estimator", "shrink_mlp", "shrink_structured",
+    "PruneResult", "RefitResult", "SearchConfig", "StructuredResult", "Significance", "TicketSearch", "UnreachableFloorError", "__version__",
+    "find_units", "prune", "refit", "register_estimator", "shrink_mlp", "shrink_structured",
 ]
