@@ -13,16 +13,18 @@ Only one chunk's activations exist at a time; the fit sees them through its mome
 (:mod:`bingo.reconstruct.moments`). Cost: two forward passes, each up to the layer, over the
 calibration data per refitted layer, and the layer's ``F x F`` statistics.
 
-Which layers are refitted (``layers=`` of :class:`~bingo.reconstruct.LeastSquaresReconstruction`,
-:data:`LAYER_POLICIES`): with ``"touched"`` every layer whose weight or bias a mask touches and
-every *consumer* of a unit group a mask touches (a layer whose weight's input axis reads the
+Which layers are refitted (``layers=`` of :class:`~bingo.reconstruct.LeastSquaresReconstruction`):
+with ``"touched"``, every layer whose weight or bias a mask touches (the producers of removed
+units, layers with per-weight masks) and every *consumer* of a unit group from which a mask
+removes a unit, a whole index of one of its slices (a layer whose weight's input axis reads the
 group's units: ``o_proj`` after heads, ``down_proj`` / GPT-2's ``c_proj`` after MLP neurons, the
-next conv after channels), so producers whose input has changed are refitted too; with
-``"downstream"`` also every refittable layer after the first touched one. A touched layer is left
-as it is when, in every group of its outputs, each row is kept or removed whole, every feature a
-kept weight reads is the dense one on every calibration row, and its kept weights are the dense
-ones: its kept rows already are the exact fit (the first producers of a pruned model, a depthwise
-conv whose own channel is dense).
+next conv after channels, a depthwise conv on them); with ``"downstream"``, also every refittable
+layer after the first touched one. A touched layer
+is left as it is when, in every group of its outputs, each row is kept or removed whole, every
+feature a kept weight reads is the dense one on every calibration row and its kept weights are
+the dense ones: its kept rows already are the exact fit (the first producers of a pruned model,
+a depthwise conv whose own channels are dense). A producer further on, whose input an earlier
+refit has changed, is refitted with its removed rows held at zero.
 """
 
 from __future__ import annotations
@@ -44,12 +46,14 @@ if TYPE_CHECKING:
     from .reconstruction import LeastSquaresReconstruction
 
 
-def _touches(mask: Optional[Tensor], s: Slice) -> bool:
-    """Whether ``mask`` removes any index of slice ``s``."""
+def _removes(mask: Optional[Tensor], s: Slice) -> bool:
+    """Whether ``mask`` removes an index of slice ``s`` whole (a producer's row, a consumer's
+    column): entries masked here and there (per-weight masks, or another group's removed units
+    crossing this slice) do not remove a unit."""
     if mask is None:
         return False
     along = mask.movedim(s.axis, 0)[s.positions.to(mask.device)]
-    return not bool(along.all())
+    return bool((~along.reshape(along.shape[0], -1)).all(1).any())
 
 
 def _masked(mask: Optional[Tensor]) -> bool:
@@ -64,13 +68,19 @@ class GeneralPath:
         self.layers = layers
         self.in_axes = {(u.name, u.in_axis) for u in structure.contractions
                         if u.in_axis is not None}
+        # A grouped conv whose rows are in a group reads the group's channels too (the trace
+        # couples a depthwise conv's output channel with its own input channel).
+        self.grouped = {u.name for u in structure.contractions
+                        if u.op == "convolution" and u.groups > 1 and u.in_axis is None}
 
     def consumers(self, masks: Mapping[str, Tensor]) -> set[str]:
-        """Canonical weights that read the units of a group ``masks`` touches."""
+        """Canonical weights that read the units of a group from which ``masks`` removes a
+        unit."""
         out: set[str] = set()
         for group in self.structure.groups:
-            if any(_touches(masks.get(s.param), s) for s in group.slices):
-                out.update(s.param for s in group.slices if (s.param, s.axis) in self.in_axes)
+            if any(_removes(masks.get(s.param), s) for s in group.slices):
+                out.update(s.param for s in group.slices
+                           if (s.param, s.axis) in self.in_axes or s.param in self.grouped)
         return out
 
     def select(self, masks: Mapping[str, Tensor], policy: str, skipped: dict[str, str]

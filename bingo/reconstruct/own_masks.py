@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from bingo.errors import InputMismatchError
 from bingo.structure import discover
+from bingo.structure.shrink import _check_masks as check_unit_masks
 
 from .reconstruction import LeastSquaresReconstruction, _named_tensors
 
@@ -59,14 +60,8 @@ def _param_masks(model: nn.Module, masks: Mapping[str, Tensor], example: Any
             continue
         structure = structure or discover(model, example)
         if key in structure.keys():
-            group = structure.group(key)
-            if tuple(mask.shape) != (group.num_units,):
-                raise InputMismatchError(f"unit mask {key!r} must have shape "
-                                         f"({group.num_units},), got {tuple(mask.shape)}")
-            if not bool(mask.any()):
-                raise InputMismatchError(f"unit mask {key!r} removes every unit of its group; "
-                                         "keep at least one")
-            for name, m in group.param_masks(mask.cpu(), structure.shapes).items():
+            keep = check_unit_masks(structure, {key: mask})[key]
+            for name, m in structure.group(key).param_masks(keep, structure.shapes).items():
                 add(name, m)
             continue
         expected = (f"the shape of parameter {key!r}, {tuple(tensors[key].shape)}"
@@ -130,7 +125,7 @@ def refit(model: nn.Module, masks: Mapping[str, Tensor], data, *,
                 if target is not None:  # buffers (batch norm statistics) are not masked
                     target.mul_(mask.to(target.device, target.dtype))
         # The model is the prepared one, or (with ``dense``) may differ from it by design.
-        reconstruction.reconstruct(model, param_masks, same_weights=False)
+        reconstruction(model, param_masks, same_weights=False)
     except BaseException:
         with torch.no_grad():
             for name, value in originals.items():

@@ -67,9 +67,10 @@ from .solve import fit, mean_squared_error, whole_rows
 
 LAYER_POLICIES = ("auto", "touched", "downstream")
 """Which layers a reconstruction refits: ``"touched"``, the layers a mask touches and the
-consumers of the unit groups it touches; ``"downstream"``, also every refittable layer after the
-first touched one; ``"auto"``, ``"downstream"`` for a plain nn.Sequential (the one-pass stream,
-the recorded behaviour) and ``"touched"`` for any other model."""
+consumers of every unit group from which a mask removes a unit (:mod:`.general`);
+``"downstream"``, also every refittable layer after the first touched one; ``"auto"``,
+``"downstream"`` for a plain nn.Sequential (the one-pass stream, the recorded behaviour) and
+``"touched"`` for any other model."""
 
 DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
 """Precision of the per-chunk statistics products (accumulation and solves are float64)."""
@@ -78,14 +79,6 @@ DTYPES = {"auto": None, "float32": torch.float32, "float64": torch.float64}
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidOptionError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _tensor(model: nn.Module, name: str) -> Tensor:
-    """The parameter or buffer ``name`` of ``model``."""
-    try:
-        return model.get_parameter(name)
-    except AttributeError:
-        return model.get_buffer(name)
 
 
 def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
@@ -119,7 +112,9 @@ class LeastSquaresReconstruction:
         samples: use at most this many examples (a seeded random subset). More calibration rows
             than a layer's input features keep the fit from overfitting them.
         damping: ridge term, a fraction of the mean diagonal of each layer's Hessian (SparseGPT's
-            ``percdamp``): keeps the solve well posed when features are nearly collinear.
+            ``percdamp``): keeps the solve well posed when features are nearly collinear. A
+            ridge fit: where the given weights already were nearly the fit (a producer whose
+            input barely changed), its calibration error can end a hair above theirs.
         chunk: examples per forward pass (memory, not results): a chunk's activations of one
             layer are the most the general path holds (an example of a language model is a
             whole sequence).
@@ -224,17 +219,13 @@ class LeastSquaresReconstruction:
         return {structure.canonical(n) for l in layers for n in (l.weight, l.bias) if n}
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module, masks: Mapping[str, Tensor]) -> None:
+    def __call__(self, model: nn.Module, masks: Mapping[str, Tensor], *,
+                 same_weights: bool = True) -> None:
         """Refit ``model`` in place: the prepared model, or a copy of it whose parameters equal
         the prepared ones wherever ``masks`` keeps them (see the class docstring). Raises for a
-        model of another architecture or with other weights."""
-        self.reconstruct(model, masks, same_weights=True)
-
-    def reconstruct(self, model: nn.Module, masks: Mapping[str, Tensor], *,
-                    same_weights: bool) -> None:
-        """``__call__``, with the check that a model other than the prepared one holds the
-        prepared weights where ``masks`` keeps them made optional (``same_weights=False``: the
-        targets stay the prepared model's outputs, ``model`` may hold other weights)."""
+        model of another architecture, or (``same_weights``) another model with other weights;
+        ``same_weights=False`` refits any model of the prepared architecture towards the
+        prepared model's outputs (what :func:`bingo.refit` does with ``dense=``)."""
         if self._path is None:
             raise InvalidOptionError("call prepare(dense_model) before reconstructing")
         masks = self._checked_masks(model, masks)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from bingo.errors import InputMismatchError, NonFiniteError
 
 from .calibration import Calibration
-from .layers import Conv2dKind, Layer, StopForward
+from .layers import Layer, StopForward
 from .moments import Moments
 from .solve import whole_rows
 
@@ -75,10 +75,10 @@ def _is_plain(layer: Layer, model: nn.Module) -> bool:
     if layer.problem is not None or layer.route is not None or layer.kind is None:
         return False
     module = model.get_submodule(layer.module)
-    if isinstance(layer.kind, Conv2dKind):
-        return module.groups == 1 and module.padding_mode == "zeros" and \
-            not isinstance(module.padding, str)
-    return type(layer.kind).__name__ == "LayerKind" and isinstance(module, nn.Linear)
+    if isinstance(module, nn.Conv2d):
+        return type(module).forward is nn.Conv2d.forward and module.groups == 1 and \
+            module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
 class SequentialPath:
@@ -86,8 +86,8 @@ class SequentialPath:
 
     @staticmethod
     def eligible(model: nn.Module, layers: list[Layer], calibration: Calibration) -> bool:
-        """A plain nn.Sequential run on one tensor, whose layers are all plain Linear / Conv2d
-        called once, inside top-level children."""
+        """A plain nn.Sequential run on one tensor, whose layers are all nn.Linear / zero-padded,
+        ungrouped nn.Conv2d (their own forward) called once, inside top-level children."""
         return bool(layers) and calibration.is_tensor and all(
             _is_plain(l, model) and SequentialStream.child_index(model, l.module) is not None
             for l in layers)
