@@ -27,7 +27,6 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -201,6 +200,7 @@ class Layer:
     module: str
     """The module whose forward pre-hook captures the input."""
     kind: Optional[LayerKind]
+    """Its rule (:data:`LAYER_KINDS`); None for a layer type without one."""
     route: Optional[str] = None
     """A parent module whose forward must be routed (:data:`ROUTES`) for ``module`` to run."""
     problem: Optional[str] = None

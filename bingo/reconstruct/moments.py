@@ -1,7 +1,7 @@
 """Running moments of one layer's input rows ``x`` and target rows ``y`` over the calibration data.
 
-Only sums are kept (``n``, ``Σx``, ``Σxxᵀ``, ``Σxyᵀ``, ``Σy``, ``Σy²``, per group of outputs), so a
-layer with ``F`` input features costs ``F x F`` accumulator memory however many rows the
+Only sums are kept (``n``, ``Σx``, ``Σxxᵀ``, ``Σxyᵀ``, ``Σy``, ``Σy²``, per group of outputs),
+so a layer with ``F`` input features costs ``F x F`` accumulator memory however many rows the
 calibration data has; the rows themselves are seen one chunk at a time.
 
 Each chunk's products are formed in ``dtype`` on ``device`` and added to float64 accumulators on
@@ -9,13 +9,13 @@ Each chunk's products are formed in ``dtype`` on ``device`` and added to float64
 recorded results were made with); ``float32`` is the fast path on a GPU (TF32 switched off for
 these products). With a reduced-precision ``dtype`` the rows are first shifted by the first
 chunk's means, so that a large mean does not swamp the variance in the float32 products: moments
-about the shift are exact to convert back, which :meth:`Moments.centred` and :meth:`Moments.raw`
-do in float64.
+about the shift are exact to convert back, which :meth:`Moments.statistics` does in float64.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -63,7 +63,7 @@ class Moments:
             self.sx, self.sxx, self.sxy, self.sy, self.syy = (s.double() for s in sums)
         else:
             for acc, s in zip((self.sx, self.sxx, self.sxy, self.sy, self.syy), sums):
-                acc += s.double()
+                acc.add_(s)  # upcast inside the add: no float64 copy of a float32 product
         self.n += x.shape[0]
 
     @property
@@ -73,25 +73,44 @@ class Moments:
     def finite(self) -> bool:
         return bool(torch.isfinite(self.sxx).all()) and bool(torch.isfinite(self.sxy).all())
 
-    def centred(self, g: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Group ``g``'s means of x and y, covariance of x, cross-covariance of x and y and the
-        variance of each y (float64; the shift cancels in the central moments)."""
+    def statistics(self, g: int, centred: bool) -> "Statistics":
+        """Group ``g``'s second moments (float64): central ones for a fit with a bias (the
+        shift cancels in them), about zero for one without."""
         n = self.n
-        mean_x, mean_y = self.sx[g] / n, self.sy[g] / n
-        cov = self.sxx[g] / n - torch.outer(mean_x, mean_x)
-        cross = self.sxy[g] / n - torch.outer(mean_x, mean_y)
-        var_y = self.syy[g] / n - mean_y * mean_y
-        if self.shift_x is not None:
-            mean_x, mean_y = mean_x + self.shift_x[g], mean_y + self.shift_y[g]
-        return mean_x, mean_y, cov, cross, var_y
-
-    def raw(self, g: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Group ``g``'s second moments about zero: ``E[x xᵀ]``, ``E[x yᵀ]``, ``E[y²]``."""
-        n = self.n
-        xx, xy, yy = self.sxx[g], self.sxy[g], self.syy[g]
+        if centred:
+            mean_x, mean_y = self.sx[g] / n, self.sy[g] / n
+            xx = self.sxx[g] / n
+            xx -= torch.outer(mean_x, mean_x)
+            xy = self.sxy[g] / n
+            xy -= torch.outer(mean_x, mean_y)
+            yy = self.syy[g] / n - mean_y * mean_y
+            if self.shift_x is not None:
+                mean_x, mean_y = mean_x + self.shift_x[g], mean_y + self.shift_y[g]
+            return Statistics(xx, xy, yy, mean_x, mean_y)
+        xx, xy, yy = self.sxx[g] / n, self.sxy[g] / n, self.syy[g] / n
         if self.shift_x is not None:  # Σ(x'+s)(y'+t)ᵀ from the sums about the shift
-            s, t, sx, sy = self.shift_x[g], self.shift_y[g], self.sx[g], self.sy[g]
-            xx = xx + torch.outer(s, sx) + torch.outer(sx, s) + n * torch.outer(s, s)
-            xy = xy + torch.outer(sx, t) + torch.outer(s, sy) + n * torch.outer(s, t)
-            yy = yy + 2 * t * sy + n * t * t
-        return xx / n, xy / n, yy / n
+            s, t, sx, sy = self.shift_x[g], self.shift_y[g], self.sx[g] / n, self.sy[g] / n
+            xx += torch.outer(s, sx) + torch.outer(sx, s) + torch.outer(s, s)
+            xy += torch.outer(sx, t) + torch.outer(s, sy) + torch.outer(s, t)
+            yy = yy + 2 * t * sy + t * t
+        return Statistics(xx, xy, yy)
+
+
+@dataclass
+class Statistics:
+    """One group's second moments, what a fit and its error need (float64)."""
+
+    xx: Tensor
+    """``(F, F)``: covariance of x (centred), or ``E[x xᵀ]``."""
+    xy: Tensor
+    """``(F, O)``: cross-covariance of x and y (centred), or ``E[x yᵀ]``."""
+    yy: Tensor
+    """``(O,)``: variance of each y (centred), or ``E[y²]``."""
+    mean_x: Optional[Tensor] = None
+    """``(F,)``: mean of x (centred statistics only)."""
+    mean_y: Optional[Tensor] = None
+    """``(O,)``: mean of y (centred statistics only)."""
+
+    @property
+    def centred(self) -> bool:
+        return self.mean_x is not None

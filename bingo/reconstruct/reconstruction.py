@@ -346,38 +346,45 @@ class LeastSquaresReconstruction:
             rows &= bias_mask.reshape(groups, outputs).to(device)
         current_bias = bias.detach().reshape(groups, outputs).to(device, f64) \
             if bias is not None else None
-        todo = list(range(groups))
+        todo = set(range(groups))
         if dense_features is not None:
-            dense = kind.matrix(module, self._dense[layer.canonical]).to(device, f64)
-            same = (torch.where(keep, current - dense, 0.0) == 0).all(-1)
-            if bias is not None:
-                dense_bias = self._dense[bias_canonical].reshape(groups, outputs).to(device, f64)
-                same &= (current_bias == dense_bias) | ~rows
-            exact = whole_rows(keep).all(-1) & same.all(-1) & \
+            exact = whole_rows(keep).all(-1) & \
                 (dense_features.to(device) | ~keep.any(1)).all(-1)
-            todo = (~exact).nonzero().flatten().tolist()
+            if bool(exact.any()):  # and are its kept weights the dense ones?
+                now = kind.matrix(module, weight.detach())
+                dense = kind.matrix(module, self._dense[layer.canonical]).to(now.device)
+                exact &= ((now == dense) | ~keep.to(now.device)).flatten(1).all(-1).to(device)
+                if bias is not None:
+                    dense_bias = self._dense[bias_canonical].reshape(groups, outputs)
+                    exact &= ((current_bias == dense_bias.to(device, f64)) | ~rows).all(-1)
+            todo = set((~exact).nonzero().flatten().tolist())
             if not todo:
                 self.skipped[layer.name] = ("its rows are kept or removed whole on dense inputs "
                                             "with dense weights: already the exact fit")
                 return
         fitted = current.clone()
         fitted_bias = current_bias.clone() if current_bias is not None else None
-        for g in todo:
-            w, b = fit(moments, g, current[g], keep[g], rows[g], bias is not None,
-                       self.damping, self.exact_features, self.block)
-            fitted[g] = w
+        before = after = 0.0
+        for g in range(groups):
+            stats = moments.statistics(g, centred=bias is not None)
+            error = float(mean_squared_error(stats, current[g], None if bias is None
+                                             else current_bias[g]))
+            before += error
+            if g not in todo:
+                after += error
+                continue
+            b = fit(stats, fitted[g], keep[g], rows[g], self.damping, self.exact_features,
+                    self.block)
             if b is not None:
                 fitted_bias[g] = b
+            after += float(mean_squared_error(stats, fitted[g], b))
+            del stats
         if not bool(torch.isfinite(fitted).all()) or (
                 fitted_bias is not None and not bool(torch.isfinite(fitted_bias).all())):
             raise NonFiniteError(f"least-squares refit of layer {layer.name!r} is not finite")
-        before, after = (sum(float(mean_squared_error(moments, g, w[g], None if b is None
-                                                      else b[g])) for g in range(groups))
-                         / (groups * outputs)
-                         for w, b in ((current, current_bias), (fitted, fitted_bias)))
         weight.copy_(kind.from_matrix(module, fitted).to(weight.dtype))
         if bias is not None:
             bias.copy_(fitted_bias.reshape(bias.shape).to(bias.dtype))
         self.refitted.append(layer.name)
-        self.errors[layer.name] = (before, after)
+        self.errors[layer.name] = (before / (groups * outputs), after / (groups * outputs))
         self.layer_seconds[layer.name] = time.perf_counter() - started

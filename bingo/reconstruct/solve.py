@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .moments import Moments
+from .moments import Statistics
 
 
 def whole_rows(keep: Tensor) -> Tensor:
@@ -59,30 +59,25 @@ def masked_update(weight: Tensor, keep: Tensor, hessian: Tensor, block: int) -> 
     return weight
 
 
-def fit(moments: Moments, group: int, current: Tensor, keep: Tensor, rows: Tensor,
-        has_bias: bool, damping: float, exact_features: int, block: int
-        ) -> tuple[Tensor, Optional[Tensor]]:
-    """The refitted ``(O, F)`` weight and ``(O,)`` bias (None without one) of group ``group``.
+def fit(stats: Statistics, fitted: Tensor, keep: Tensor, rows: Tensor, damping: float,
+        exact_features: int, block: int) -> Optional[Tensor]:
+    """Refit one group of outputs: its ``(O, F)`` float64 weight ``fitted``, in place, and
+    return its ``(O,)`` bias (None without one: ``stats`` about zero).
 
-    ``current`` (float64) holds the weights that features constant on the data (always zero,
-    without a bias) keep; ``keep`` is the
-    ``(O, F)`` keep-mask; ``rows`` the ``(O,)`` output rows not removed (a removed row's weights
-    and bias are zero)."""
-    if has_bias:
-        mean_x, mean_y, hessian, cross, _ = moments.centred(group)
-    else:
-        hessian, cross, _ = moments.raw(group)
+    ``fitted`` comes in with the current weights, which features constant on the data (always
+    zero, without a bias) keep; ``keep`` is the ``(O, F)`` keep-mask; ``rows`` the ``(O,)`` output
+    rows not removed (a removed row's weights and bias are zero). ``stats`` is not changed."""
+    hessian, cross = stats.xx, stats.xy
     # Features without variance (with a bias) or always zero (without) carry nothing to fit.
     diagonal = torch.diagonal(hessian)
     varying = diagonal > 1e-12 * diagonal.abs().max().clamp(min=1e-300)
-    fitted = current.clone()
     idx = varying.nonzero().flatten()
     if idx.numel() and bool(rows.any()):
-        h = hessian[idx][:, idx]
-        h = h + damping * torch.diagonal(h).mean() * torch.eye(idx.numel(), dtype=h.dtype,
-                                                                device=h.device)
-        c = cross[idx]
-        sub_keep = keep[:, idx]
+        every = idx.numel() == varying.numel()   # no more F x F copies than the damped one
+        h = hessian.clone() if every else hessian[idx][:, idx]
+        h.diagonal().add_(damping * torch.diagonal(h).mean())
+        c = cross if every else cross[idx]
+        sub_keep = keep if every else keep[:, idx]
         pattern = sub_keep[rows]
         if bool((pattern == pattern[:1]).all()):  # one feature set for every kept row
             kept_rows = rows.nonzero().flatten()
@@ -96,24 +91,21 @@ def fit(moments: Moments, group: int, current: Tensor, keep: Tensor, rows: Tenso
             fitted[:, idx] = _exact_rows(h, c, sub_keep, rows)
         else:
             fitted[:, idx] = masked_update(torch.linalg.solve(h, c).T, sub_keep, h, block)
+        del h, c
     fitted[~rows] = 0.0
-    fitted = torch.where(keep, fitted, 0.0)
+    fitted.masked_fill_(~keep, 0.0)
     bias = None
-    if has_bias:
-        bias = mean_y - fitted @ mean_x
+    if stats.centred:
+        bias = stats.mean_y - fitted @ stats.mean_x
         bias[~rows] = 0.0
-    return fitted, bias
+    return bias
 
 
-def mean_squared_error(moments: Moments, group: int, weight: Tensor,
-                       bias: Optional[Tensor]) -> Tensor:
-    """``E||W x + b - y||^2`` summed over group ``group``'s outputs, from the moments alone."""
-    if bias is not None:
-        mean_x, mean_y, cov, cross, var_y = moments.centred(group)
-        offset = weight @ mean_x + bias - mean_y
-        per_output = ((weight @ cov) * weight).sum(1) - 2 * (weight * cross.T).sum(1) + var_y \
-            + offset * offset
-    else:
-        xx, xy, yy = moments.raw(group)
-        per_output = ((weight @ xx) * weight).sum(1) - 2 * (weight * xy.T).sum(1) + yy
+def mean_squared_error(stats: Statistics, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``E||W x + b - y||^2`` summed over the group's outputs, from its statistics alone."""
+    per_output = ((weight @ stats.xx) * weight).sum(1) - 2 * (weight * stats.xy.T).sum(1) + \
+        stats.yy
+    if stats.centred:
+        offset = weight @ stats.mean_x + bias - stats.mean_y
+        per_output = per_output + offset * offset
     return per_output.clamp(min=0).sum()
