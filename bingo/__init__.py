@@ -2,8 +2,9 @@
 
 The user-facing API: :class:`TicketSearch` (attach to a training loop), its ``significance()``,
 and :func:`prune` (one-shot pruning to an accuracy floor or a sparsity, optionally refitting the
-surviving weights with :class:`LeastSquaresReconstruction`); :func:`save_pruned` /
-:func:`load_pruned` keep a pruned model on disk. Kernels live in the
+surviving weights with :class:`LeastSquaresReconstruction`), :func:`refit` (the same refit for
+units removed with masks of your own), and :func:`save_pruned` / :func:`load_pruned` (a pruned
+model on disk). Kernels live in the
 separate :mod:`bingo_kernels` package, which this one calls.
 
 Names are imported on first use (PEP 562), so that ``import bingo`` -- and with it the ``bingo``
@@ -25,7 +26,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("ESTIMATORS", "Significance", "register_estimator"), "estimators"),
     **dict.fromkeys(("PruneResult", "StructuredResult", "UnitScores", "prune", "shrink_mlp",
                      "shrink_structured"), "pruning"),
-    "LeastSquaresReconstruction": "reconstruct",
+    **dict.fromkeys(("LeastSquaresReconstruction", "RefitResult", "refit"), "reconstruct"),
     **dict.fromkeys(("load_pruned", "save_pruned"), "save"),
     **dict.fromkeys(("SearchConfig", "TicketSearch"), "search"),
     "find_units": "units",
@@ -41,7 +42,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from .estimators import ESTIMATORS, Significance, register_estimator
     from .pruning import (PruneResult, StructuredResult, UnitScores, prune, shrink_mlp,
                           shrink_structured)
-    from .reconstruct import LeastSquaresReconstruction
+    from .reconstruct import LeastSquaresReconstruction, RefitResult, refit
     from .save import load_pruned, save_pruned
     from .search import SearchConfig, TicketSearch
     from .units import find_units
