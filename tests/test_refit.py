@@ -433,3 +433,15 @@ def test_bad_input_is_named_before_any_work():
     apply_masks(copied, discover(copied, example), units)
     rec(copied, masks)
     assert rec.refitted == ["3", "5"]
+
+
+def test_parameter_names_are_canonical_for_tied_weights():
+    """GPT-2 ties its LM head to the token embedding: one tensor, listed once under the name
+    named_parameters gives it (prune saves and restores parameters by those names)."""
+    from bingo.reconstruct.layers import parameter_names
+
+    model, _, _ = zoo.build("gpt2")
+    names = parameter_names(model)
+    params = dict(model.named_parameters())
+    assert "lm_head.weight" not in names and "transformer.wte.weight" in names
+    assert all(n in params for n in names) and len(names) == len(set(names))

@@ -266,15 +266,20 @@ def find_layers(model: nn.Module, structure: Structure) -> list[Layer]:
 
 
 def parameter_names(model: nn.Module) -> list[str]:
-    """The weights and biases of every module with a rule in :data:`LAYER_KINDS`."""
+    """The weights and biases of every module with a rule in :data:`LAYER_KINDS`, each under
+    its canonical name (a weight tied to another module's appears once, under the name
+    ``named_parameters`` gives it)."""
+    from bingo.structure.trace import canonical_names
+
+    canonical = {id(t): name for name, t in canonical_names(model)[0].values()}
     names = []
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
+    for module in model.modules():
         for attr in ("weight", "in_proj_weight"):
             kind = kind_of(module, attr)
             if kind is None or getattr(module, attr, None) is None:
                 continue
             for a in (kind.weight_attr, kind.bias_attr):
-                if isinstance(getattr(module, a, None), nn.Parameter):
-                    names.append(prefix + a)
-    return names
+                value = getattr(module, a, None)
+                if isinstance(value, nn.Parameter) and id(value) in canonical:
+                    names.append(canonical[id(value)])
+    return list(dict.fromkeys(names))
