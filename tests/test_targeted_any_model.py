@@ -57,6 +57,8 @@ def _batch_mixing(generator):
 
 
 MODELS = sorted(zoo.ZOO) + ["batchmix"]
+PICKS = 3
+"""Candidates per group checked against the oracle (a random draw each run)."""
 
 
 def _tensor_input(inputs):
@@ -143,14 +145,22 @@ def test_batched_damages_equal_an_oracle(name):
         _metrics(_removed_copy(model, layout, gone), x, targets))
     for i, g in enumerate(layout.groups):
         alive = [u for u in range(g.num_units) if (g.param_name, u) not in gone]
-        picks = torch.tensor(alive)[torch.randperm(len(alive), generator=generator)[:3]]
-        loss, acc = removals.evaluate(i, picks)
+        picks = torch.tensor(alive)[torch.randperm(len(alive), generator=generator)[:PICKS]]
+        # Two calls: the first chunk decides whether later ones may split the evidence into
+        # examples (transformer blocks), the second runs the chosen way.
+        first, second = removals.evaluate(i, picks[:1]), removals.evaluate(i, picks[1:])
+        loss, acc = torch.cat([first[0], second[0]]), torch.cat([first[1], second[1]])
         for j, unit in enumerate(picks.tolist()):
             want_loss, want_acc = _metrics(
                 _removed_copy(model, layout, gone + [(g.param_name, unit)]), x, targets)
             assert loss[j].item() == pytest.approx(want_loss, rel=1e-6, abs=1e-8), (
                 seed, g.param_name, unit)
             assert acc[j].item() == pytest.approx(want_acc), (seed, g.param_name, unit)
+    how = removals.path
+    if name in ("llama", "llama_tied", "gpt2", "vit", "bert"):
+        assert any("one example at a time" in p for p in how.values()), how
+    if name == "batchmix":  # rows mix after fc1: its group needs vmap, fc2's sees them mixed
+        assert how == {"fc1.weight": "vmap", "fc2.weight": "fast (batch shared)"}, how
 
 
 @pytest.mark.parametrize("name", ["resnet", "mobilenet", "llama", "mha"])
@@ -178,14 +188,14 @@ def test_short_elimination_on_the_zoo(name):
     model, x, targets = _build(name, 1, torch.float32)
     before = copy.deepcopy(model.state_dict())
     layout = find_units(model, "structured", INCLUDE.get(name), example_inputs=x[:1])
-    config = EliminationConfig(stop_drop=1.0, max_fraction=0.08, per_step=2, lazy=8)
+    config = EliminationConfig(stop_drop=1.0, max_fraction=0.05, per_step=3, lazy=8)
     result = eliminate(model, (x, targets), config, include=INCLUDE.get(name), progress=False,
                        granularity="structured")
     assert result.granularity == "structured" and result.evaluator == "batched"
     sizes = {g.param_name: g.num_units for g in layout.groups}
     assert set(result.scores) == set(sizes)
     assert all(result.scores[k].shape == (n,) for k, n in sizes.items())
-    assert 0 < len(result.order) == len(set(result.order)) <= 0.08 * sum(sizes.values())
+    assert 0 < len(result.order) == len(set(result.order)) <= 0.05 * sum(sizes.values())
     assert all(0 <= u < sizes[k] for k, u in result.order)
     flat = torch.cat([result.scores[k] for k in sizes])
     assert sorted(flat.tolist()) == [float(i) for i in range(flat.numel())]  # a strict ranking
@@ -211,11 +221,11 @@ def test_history_losses_are_those_of_the_removals_written_into_the_model():
     """The loss after each step is the loss of a copy of the model with the removed units
     written, and pruning the lowest-scored units (apply_masks) gives the same model."""
     model, x, targets = _build("llama", 3, torch.float32)
-    result = eliminate(model, (x, targets), EliminationConfig(stop_drop=1.0, max_fraction=0.2,
-                                                              per_step=3), progress=False)
+    result = eliminate(model, (x, targets), EliminationConfig(stop_drop=1.0, max_fraction=0.12,
+                                                              per_step=4), progress=False)
     structure = discover(model, x[:1])
     layout = find_units(model, "structured", example_inputs=x[:1])
-    for entry in result.history[::3]:
+    for entry in result.history:
         count = entry["removed"]
         written = _removed_copy(model, layout, result.order[:count])
         assert entry["loss"] == pytest.approx(_metrics(written, x, targets)[0], rel=1e-5)
@@ -351,12 +361,12 @@ def test_macs_of_unit_groups_equal_the_sequential_evaluators():
 def test_token_data_and_tensor_datasets():
     """A language model's data: integer token inputs, next tokens as (N, T) targets, as tensors
     or a TensorDataset; "neuron" means the unit groups on a transformers model."""
-    model, inputs, targets = zoo.build("gpt2", 5)
+    model, inputs, targets = zoo.build("llama", 5)
     ids = inputs["input_ids"]
     plain = targeted_scores(model, "neuron", data=(ids, targets), progress=False,
-                            stop_drop=1.0, max_fraction=0.05)
+                            stop_drop=1.0, max_fraction=0.08)
     dataset = targeted_scores(model, "structured", data=TensorDataset(ids, targets),
-                              progress=False, stop_drop=1.0, max_fraction=0.05)
+                              progress=False, stop_drop=1.0, max_fraction=0.08)
     assert plain.granularity == dataset.granularity == "structured"
     assert plain.result.order == dataset.result.order
     assert set(plain) == {g.param_name for g in
@@ -468,7 +478,7 @@ def test_targeted_prune_any_model():
     ids = inputs["input_ids"]
     result = targeted_prune(model, (ids, targets), "structured", sparsity=0.25,
                             reconstruct=False, progress=False, stop_drop=1.0,
-                            max_fraction=0.3)
+                            max_fraction=0.08)
     assert result.scores.granularity == "structured" and result.search.order
     total = sum(s.numel() for s in result.scores.values())
     assert result.pruned_units == round(0.25 * total)

@@ -67,7 +67,7 @@ class GroupEvaluator:
                         for g in self.groups}
         """Score key -> bool (units,): the units zeroed in the working model."""
         self._whole = self._evaluator(self.groups)
-        self._per_group: dict[int, BatchedEvaluator] = {}
+        self._per_group: dict[int, _GroupPasses] = {}
         self._macs: Optional[dict[str, float]] = None
         self.refresh()
 
@@ -77,10 +77,10 @@ class GroupEvaluator:
 
     @property
     def path(self) -> dict[str, str]:
-        """Score key -> the evaluator path its candidates took (``"fast"`` / ``"vmap"``), for
-        the groups evaluated so far."""
-        return {self.keys[i]: f"{ev.path}{' (inputs repeated)' if ev.expand_inputs else ''}"
-                for i, ev in self._per_group.items()}
+        """Score key -> how its candidates were evaluated (the evaluator's path, and whether
+        the inputs were repeated per candidate or the evidence split into examples), for the
+        groups evaluated so far."""
+        return {self.keys[i]: p.describe() for i, p in self._per_group.items()}
 
     @torch.no_grad()
     def refresh(self) -> tuple[float, float]:
@@ -97,21 +97,19 @@ class GroupEvaluator:
         if candidates.numel() == 0:
             empty = torch.empty(0)
             return empty, empty
-        ev = self._per_group.get(index)
-        if ev is None:
-            ev = self._per_group[index] = self._evaluator([group])
+        passes = self._per_group.get(index)
+        if passes is None:
+            passes = self._per_group[index] = _GroupPasses(self, group)
         candidates = candidates.to(torch.long)
         losses, accs = [], []
         # One design per pass-sized chunk keeps the (J, units) masks as small as the pass.
-        per = ev.chunk_size(self.inputs, candidates.numel())
-        for chunk in torch.split(candidates, per):
+        for chunk in torch.split(candidates, passes.chunk_size(candidates.numel())):
             masks = torch.zeros(chunk.numel(), group.num_units, dtype=torch.bool,
                                 device=group.device)
             masks[torch.arange(chunk.numel()), chunk.to(group.device)] = True
-            metrics = ev.subsets(self.inputs, self.targets,
-                                 ExplicitDesign({group.param_name: masks}), None)
-            losses.append(metrics.loss)
-            accs.append(metrics.accuracy)
+            loss, acc = passes(ExplicitDesign({group.param_name: masks}))
+            losses.append(loss)
+            accs.append(acc)
         return torch.cat(losses), torch.cat(accs)
 
     # -- changing the working model -------------------------------------------------------------
@@ -175,3 +173,91 @@ class GroupEvaluator:
         if self._macs is None:
             self._macs = contraction_macs(self.work, self.inputs[:1])
         return unit_macs(self.groups[index], self._macs)
+
+
+class _GroupPasses:
+    """The batched passes of one group's candidates: the evidence batch through one
+    :class:`BatchedEvaluator`, or, where that evaluator has to repeat the inputs per candidate
+    (a transformer block adds a residual of its input, which a shared batch of B > 1 rows cannot
+    broadcast against), one example at a time: a single example's rows broadcast against the
+    candidates', so everything upstream of the group runs once per example, and the metrics are
+    the token-weighted mean over the examples. The split is used only when it gave the
+    batch's own metrics on the first chunk (an exact identity for a model that treats examples
+    independently; anything else keeps the batch)."""
+
+    def __init__(self, owner: GroupEvaluator, group: UnitGroup):
+        self.owner, self.group = owner, group
+        self.batch = owner._evaluator([group])
+        self.examples: Optional[BatchedEvaluator] = None
+        self.decided = False
+        self._probed: set[int] = set()
+
+    def _subsets(self, ev: BatchedEvaluator, inputs: Tensor, targets: Tensor,
+                 design: ExplicitDesign):
+        """``ev.subsets``, with an evaluator's first design padded to two variants: the
+        evaluator chooses its path (and whether the inputs can be shared) on the first two
+        subsets of its first call, and one subset alone cannot show a model that mixes rows
+        across subsets or cannot broadcast a shared batch (see the report of this change)."""
+        masks = design.unit_reset[self.group.param_name]
+        if id(ev) in self._probed or masks.shape[0] > 1:
+            self._probed.add(id(ev))
+            return ev.subsets(inputs, targets, design, None)
+        self._probed.add(id(ev))
+        padded = torch.cat([masks, torch.zeros_like(masks)])   # the second removes nothing
+        metrics = ev.subsets(inputs, targets,
+                             ExplicitDesign({self.group.param_name: padded}), None)
+        metrics.loss, metrics.accuracy = metrics.loss[:1], metrics.accuracy[:1]
+        return metrics
+
+    def describe(self) -> str:
+        ev = self.examples or self.batch
+        if ev.path != "fast":
+            return str(ev.path)
+        how = ("one example at a time, batch shared" if self.examples is not None else
+               "inputs repeated per candidate" if ev.expand_inputs else "batch shared")
+        return f"fast ({how})"
+
+    def chunk_size(self, count: int) -> int:
+        if self.examples is not None:
+            return self.examples.chunk_size(self.owner.inputs[:1], count)
+        return self.batch.chunk_size(self.owner.inputs, count)
+
+    def __call__(self, design: ExplicitDesign) -> tuple[Tensor, Tensor]:
+        inputs, targets = self.owner.inputs, self.owner.targets
+        if self.examples is not None:
+            return self._by_example(design)
+        metrics = self._subsets(self.batch, inputs, targets, design)
+        if not self.decided:
+            self.decided = True
+            self._try_examples(design, metrics.loss, metrics.accuracy)
+        return metrics.loss, metrics.accuracy
+
+    def _try_examples(self, design: ExplicitDesign, loss: Tensor, accuracy: Tensor) -> None:
+        inputs = self.owner.inputs
+        if self.batch.path != "fast" or not self.batch.expand_inputs or inputs.shape[0] < 2:
+            return
+        self.examples = self.owner._evaluator([self.group])
+        try:
+            split_loss, split_acc = self._by_example(design)
+        except Exception:  # noqa: BLE001  (the split is an optimisation: keep the batch)
+            self.examples = None
+            return
+        tol = 1e-4 if loss.dtype in (torch.float32, torch.float64) else 2e-2
+        agree = (self.examples.path == "fast" and not self.examples.expand_inputs
+                 and torch.allclose(split_loss, loss, rtol=tol, atol=tol)
+                 and bool(((split_acc - accuracy).abs() <= 1.5 / self.owner.targets.numel()
+                           + 1e-6).all()))
+        if not agree:
+            self.examples = None
+
+    def _by_example(self, design: ExplicitDesign) -> tuple[Tensor, Tensor]:
+        inputs, targets = self.owner.inputs, self.owner.targets
+        loss = accuracy = None
+        weight = targets[:1].numel() / targets.numel()   # every example has as many targets
+        for n in range(inputs.shape[0]):
+            metrics = self._subsets(self.examples, inputs[n:n + 1], targets[n:n + 1], design)
+            part_loss, part_acc = metrics.loss.double() * weight, \
+                metrics.accuracy.double() * weight
+            loss = part_loss if loss is None else loss + part_loss
+            accuracy = part_acc if accuracy is None else accuracy + part_acc
+        return loss.to(metrics.loss.dtype), accuracy.to(metrics.accuracy.dtype)
