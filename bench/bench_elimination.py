@@ -25,11 +25,12 @@ Usage::
 
     python bench/bench_elimination.py --preset ci
     python bench/bench_elimination.py --preset cpu --threads 1 --name elimination-cpu-$(date +%F)
+    python bench/bench_elimination.py --preset cpu --threads 1 --batch 4 --tokens 16 \
+        --name elimination-cpu-$(date +%F) --append
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -108,20 +109,17 @@ def batched(removals, picks):
 
 
 def main(argv=None) -> Path:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="ci")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--name", help="output base name (default elimination-<preset>-<date>)")
-    ap.add_argument("--out-dir", default=str(bc.RESULTS_DIR))
-    ap.add_argument("--append", action="store_true", help="append to an existing CSV")
-    ap.add_argument("--threads", type=int)
+    ap = bc.run_parser(__doc__, PRESETS, "elimination")
     ap.add_argument("--reps", type=int)
+    ap.add_argument("--batch", type=int, help="evidence sequences (default: the preset's)")
+    ap.add_argument("--tokens", type=int, help="tokens per sequence (default: the preset's)")
+    ap.add_argument("--per-group", type=int, help="candidates per group (default: preset's)")
     ap.add_argument("--memory-budget", type=int, default=2 ** 27,
                     help="bytes one batched pass may use (the evaluator's chunking)")
     args = ap.parse_args(argv)
     p = dict(PRESETS[args.preset])
+    p.update({k: v for k, v in (("batch", args.batch), ("tokens", args.tokens),
+                                ("per_group", args.per_group)) if v is not None})
     reps = args.reps or p["reps"]
     device, env, header = bc.start_run(args)
     name = args.name or f"elimination-{args.preset}-{env['date'][:10]}"
@@ -159,7 +157,7 @@ def main(argv=None) -> Path:
     for provider, times in samples.items():
         median, low, high = bc.quantiles(times)
         medians[provider] = median
-        note = f"{count} candidates over {len(picks)} groups"
+        note = f"{count} candidates over {len(picks)} groups (up to {p['per_group']} each)"
         if provider == "batched":
             note += f"; evaluator path: {paths}; set-up {setup:.2f} s (path choice, once)"
         writer.add(shape, provider, "time", median * 1e3, "ms", len(times),
@@ -173,7 +171,7 @@ def main(argv=None) -> Path:
         bc.machine_description(env, header), "",
         f"Model {shape['model']} (heads {p['heads']}, kv heads {p['kv_heads']}, vocab "
         f"{p['vocab']}), evidence {p['batch']} x {p['tokens']} tokens, {count} candidates "
-        f"({p['per_group']} per group, {len(picks)} groups), median of {reps}.", "",
+        f"(up to {p['per_group']} per group, {len(picks)} groups), median of {reps}.", "",
         bc.markdown_table(["provider", "ms per pass", "candidates / s"],
                           [[k, medians[k] * 1e3, count / medians[k]] for k in medians]), "",
         f"Batched / one at a time: **{speedup:.2f}x** (evaluator path: {paths}).", ""]

@@ -25,13 +25,14 @@ def check_finite_model(model: nn.Module) -> None:
                                      "value(s); a search on it would rank nothing")
 
 
-def _floating_dtype(model: nn.Module):
+def floating_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter (None without one)."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def _why_forward_fails(model: nn.Module, inputs: Tensor) -> str:
     """The likely cause of a failed forward, from the inputs and the model's dtype."""
-    dtype = _floating_dtype(model)
+    dtype = floating_dtype(model)
     if inputs.is_floating_point() and dtype is not None and inputs.dtype != dtype:
         return (f"the data's inputs are {inputs.dtype} but the model's parameters are {dtype}; "
                 "convert one to the other")

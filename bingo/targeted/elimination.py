@@ -60,7 +60,7 @@ from bingo.pruning import PARAM_MASKS
 from bingo.reconstruct import LeastSquaresReconstruction
 from bingo.units import find_units
 
-from .checks import check_evidence
+from .checks import check_evidence, floating_dtype
 from .grouped import GroupEvaluator
 from .incremental import EVALUATORS, ScoredLayer, SequentialEvaluator, scored_layers
 
@@ -364,7 +364,7 @@ def _removals(model: nn.Module, work: nn.Module, inputs: Tensor, targets: Tensor
                             example_inputs=inputs[:1] if example_inputs is None
                             else example_inputs)
         granularity = "structured"
-    dtype = next((p.dtype for p in work.parameters() if p.is_floating_point()), torch.float32)
+    dtype = floating_dtype(work) or torch.float32
     budget = config.memory_budget * torch.empty((), dtype=dtype).element_size()
     removals = GroupEvaluator(work, layout, inputs, targets, memory_budget=budget,
                               backend=config.backend)
@@ -462,6 +462,8 @@ def eliminate(model: nn.Module, data, config: Optional[EliminationConfig] = None
                     candidates = candidates[shortlist[key][candidates]]
                     if candidates.numel() == 0:
                         continue
+                if progress:  # a full pass over a large model's units takes a while
+                    bar.set_postfix_str(f"{key}: {candidates.numel()} candidates")
                 loss, acc = removals.evaluate(i, candidates)
                 damage = damage_of(loss.cpu(), acc.cpu(), removals)
                 _check_finite(damage, f"the damage of removing units of {key!r}")
