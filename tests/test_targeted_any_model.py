@@ -339,6 +339,26 @@ def test_unit_macs_are_what_shrinking_one_unit_saves(name):
         assert removals.unit_macs(heads) == tokens * hidden * head_dim * (2 * queries_per_kv + 2)
 
 
+def test_macs_saving_removes_the_least_damage_per_multiply_add_first():
+    model, x, targets = _build("resnet", 2)
+    removals, layout = _group_evaluator(model, x, targets, "resnet")
+    total = sum(g.num_units for g in layout.groups)
+    macs = [removals.unit_macs(i) for i in range(len(layout.groups))]
+    assert len(set(macs)) > 1          # the groups differ in cost per unit
+    candidates = []
+    for i, g in enumerate(layout.groups):
+        loss, _ = removals.evaluate(i, torch.arange(g.num_units))
+        for unit, value in enumerate(loss.double().tolist()):
+            damage, saving = value - removals.loss, macs[i] / (sum(macs) / len(macs))
+            priority = damage / saving if damage > 0 else damage * saving
+            candidates.append((priority, g.param_name, unit))
+    _, key, unit = min(candidates)
+    config = EliminationConfig(saving="macs", per_step=1, lazy=0, stop_drop=1.0,
+                               max_fraction=1.5 / total)
+    result = eliminate(model, (x, targets), config, progress=False)
+    assert result.order == [(key, unit)]
+
+
 def test_macs_of_unit_groups_equal_the_sequential_evaluators():
     from test_targeted import _convnet
 
