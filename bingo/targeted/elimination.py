@@ -36,8 +36,9 @@ evaluate only the short list) plus one forward to refresh the current model (and
 back-off). On an nn.Sequential a variant runs through the layers downstream of its own layer only
 (:mod:`bingo.targeted.incremental`); with the rank path a variant of a first-layer MLP neuron
 costs ``N * (width_2 + width_2 * width_3 ...)`` multiply-adds, far below a full forward. On other
-models a variant is downstream-only where the batch can be shared up to the group's first layer,
-a batched full forward where it cannot (transformer blocks; :mod:`bingo.targeted.grouped`).
+models a variant is downstream-only where the batch can be shared up to the group's first layer
+(conv nets, MLPs; a transformer's MLP neurons one evidence example at a time), a batched full
+forward where it cannot (attention heads; :mod:`bingo.targeted.grouped`).
 Variance: the damages are exact on the evidence batch (no sampling), so the only
 randomness is which ``evidence`` training images are drawn (``seed``); it matters most for the
 near-zero damages of almost-dead units, whose order is arbitrary but harmless.

@@ -18,16 +18,23 @@ What is computed once and what per candidate. Each group has an evaluator of its
 patches only the modules using that group's parameters, so on the evaluator's shared-input path
 everything upstream of the group's first patched module runs once for all J candidates and only
 the rest of the network runs per candidate: downstream-only, like the Sequential evaluator's
-masked path (MLPs, conv nets, any model whose blocks take the shared batch). Where the shared
-batch cannot flow through the model (a transformer block adds a residual of its own input, so
-the evaluator repeats the inputs per candidate), every candidate is a full forward, batched. A
-model whose forward mixes rows of the batch falls back to the evaluator's vmap path: still exact,
-slower. After each step the current model's loss comes from one plain forward (there is no cache
-of a generic model's intermediate values to update from the changed layer on).
+masked path (MLPs, conv nets, any model whose blocks take the shared batch). A transformer block
+adds a residual of its own input, which a shared batch of B > 1 rows cannot broadcast against
+the candidates' rows, so there the evaluator repeats the inputs per candidate (a batched full
+forward each). For such a group the evidence is then split into single examples, whose one row
+does broadcast: upstream of the group runs once per example, the metrics are the token-weighted
+mean over the examples, and the split is kept only if it reproduced the batch's metrics on the
+group's first chunk (MLP neurons of Llama / GPT-2 / BERT / ViT; attention heads stay full
+forwards: the attention block reads the batch size from its input). A model whose forward mixes
+rows of the batch falls back to the evaluator's vmap path for the groups downstream of the
+mixing: still exact, slower. After each step the current model's loss comes from one plain
+forward (there is no cache of a generic model's intermediate values to update from the changed
+layer on).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -196,8 +203,9 @@ class _GroupPasses:
                  design: ExplicitDesign):
         """``ev.subsets``, with an evaluator's first design padded to two variants: the
         evaluator chooses its path (and whether the inputs can be shared) on the first two
-        subsets of its first call, and one subset alone cannot show a model that mixes rows
-        across subsets or cannot broadcast a shared batch (see the report of this change)."""
+        subsets of its first call, and one subset alone cannot show it a model that mixes rows
+        across subsets (it would take the fast path and be wrong from the second candidate on)
+        or a block that cannot add a shared batch to the candidates' rows (it would fail)."""
         masks = design.unit_reset[self.group.param_name]
         if id(ev) in self._probed or masks.shape[0] > 1:
             self._probed.add(id(ev))
@@ -238,7 +246,9 @@ class _GroupPasses:
             return
         self.examples = self.owner._evaluator([self.group])
         try:
-            split_loss, split_acc = self._by_example(design)
+            with warnings.catch_warnings():  # a vmap fallback here is discarded, not used
+                warnings.simplefilter("ignore")
+                split_loss, split_acc = self._by_example(design)
         except Exception:  # noqa: BLE001  (the split is an optimisation: keep the batch)
             self.examples = None
             return
