@@ -140,10 +140,12 @@ def targeted_prune(model: nn.Module, data, granularity: str = "neuron", *,
     without the refit, ``refit`` the least-squares preparation and refits, 0 without).
     """
     started = time.perf_counter()
+    # Bad data or calibration inputs the refit cannot take fail here, not after the search.
+    check_evidence(model, *data_tensors(data))
+    refit = _TimedReconstruction(data) if reconstruct else None
     scores = targeted_scores(model, granularity, include, exclude, data=data, progress=progress,
                              search=search, example_inputs=example_inputs, **options)
     searched = time.perf_counter()
-    refit = _TimedReconstruction(data) if reconstruct else None
     extra: dict[str, Any] = {}
     if scores.granularity == "structured":
         extra["example_inputs"] = example_inputs if example_inputs is not None else \
