@@ -117,6 +117,25 @@ def start_run(args) -> tuple[torch.device, dict, dict]:
     return device, env, run_header(env)
 
 
+def run_parser(doc: str, presets, kernel: str) -> "argparse.ArgumentParser":
+    """The options every benchmark script takes (``--preset``, ``--device``, ``--name``,
+    ``--out-dir``, ``--append``, ``--threads``), described by the script's docstring ``doc``
+    (its first paragraph; the rest as the epilog); scripts add their own options."""
+    import argparse  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=doc.split("\n\n", 1)[1])
+    ap.add_argument("--preset", choices=sorted(presets), default="ci")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--name", help=f"output base name (default {kernel}-<preset>-<date>)")
+    ap.add_argument("--out-dir", default=str(RESULTS_DIR))
+    ap.add_argument("--append", action="store_true",
+                    help="append to an existing <name>.csv / .md")
+    ap.add_argument("--threads", type=int)
+    return ap
+
+
 def load_average() -> str:
     try:
         return " ".join(f"{v:.2f}" for v in os.getloadavg())

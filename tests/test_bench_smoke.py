@@ -166,3 +166,28 @@ def test_scripts_run_as_commands(tmp_path):
     assert {r["kernel"] for r in rows} == {"masked_reset_linear", "ticket_search_step"}
     md = (tmp_path / "both.md").read_text()
     assert "# masked_reset_linear" in md and "# ticket_search_step" in md
+
+
+def test_elimination_bench_ci_csv(tmp_path):
+    pytest.importorskip("transformers")
+    be = _module("bench_elimination")
+    path = be.main(["--preset", "ci", "--out-dir", str(tmp_path), "--name", "elimination"])
+    header, rows = _read(path)
+    assert header == _module("bench_common").COLUMNS
+    for provider in ("batched", "one_at_a_time"):
+        for metric, unit in (("time", "ms"), ("candidates_per_s", "1/s")):
+            found = _values(rows, provider=provider, metric=metric)
+            assert len(found) == 1 and float(found[0]["value"]) > 0 and found[0]["unit"] == unit
+    assert len(_values(rows, provider="batched", metric="speedup")) == 1
+    assert {r["kernel"] for r in rows} == {"elimination_candidates"}
+
+
+def test_elimination_bench_refuses_wrong_results(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    be = _module("bench_elimination")
+    real = be.one_at_a_time
+    monkeypatch.setattr(be, "one_at_a_time",
+                        lambda *a: (real(*a)[0] + 0.1, real(*a)[1]))
+    with pytest.raises(be.MismatchError, match="disagree"):
+        be.main(["--preset", "ci", "--out-dir", str(tmp_path)])
+    assert not list(tmp_path.glob("*.csv")), "no results may be written for wrong code"

@@ -33,7 +33,7 @@ from bingo.errors import InvalidOptionError
 from bingo.units import find_units
 
 from .elimination import evidence_batch
-from .incremental import SequentialEvaluator, child_positions
+from .incremental import SequentialEvaluator, child_positions, require_sequential
 
 
 @dataclass
@@ -89,8 +89,9 @@ def allocate(model: nn.Module, data, config: Optional[AllocationConfig] = None, 
     config = config or AllocationConfig()
     config.validate()
     started = time.perf_counter()
+    require_sequential(model, "weight allocation search")
     layout = find_units(model, "weight", include, exclude)
-    positions = child_positions(model, layout)
+    positions = child_positions(model, layout, "weight allocation search")
     work = copy.deepcopy(model).eval()
     inputs, targets = evidence_batch(data, config.evidence, config.seed)
     device = next(model.parameters()).device

@@ -91,13 +91,20 @@ def scored_layers(model: nn.Module, include=None, exclude=None) -> list[ScoredLa
     return out
 
 
-def child_positions(model: nn.Module, layout) -> list[int]:
-    """Position among ``model``'s children of each group of a :class:`bingo.units.UnitLayout`;
-    raises unless ``model`` is an nn.Sequential holding those layers as direct children."""
+def require_sequential(model: nn.Module, search: str) -> None:
+    """Raise, naming the model type and the search that works on any model, unless ``model``
+    is an nn.Sequential (whose layer order is the data flow these evaluators rely on)."""
     if not isinstance(model, nn.Sequential):
         raise InputMismatchError(
-            f"targeted search needs an nn.Sequential (its layer order is the data flow), "
-            f"got {type(model).__name__}")
+            f"the {search} needs an nn.Sequential (its layer order is the data flow), got "
+            f"{type(model).__name__}; use granularity='structured' (greedy elimination over "
+            "the model's unit groups: heads, MLP neurons, channels)")
+
+
+def child_positions(model: nn.Module, layout, search: str = "targeted search") -> list[int]:
+    """Position among ``model``'s children of each group of a :class:`bingo.units.UnitLayout`;
+    raises unless ``model`` is an nn.Sequential holding those layers as direct children."""
+    require_sequential(model, search)
     position = {name: i for i, (name, _) in enumerate(model.named_children())}
     missing = [g.name for g in layout.groups if g.name not in position]
     if missing:

@@ -35,6 +35,8 @@ from bingo.errors import InvalidOptionError, require_option
 from bingo.pruning import prune
 from bingo.reconstruct import LeastSquaresReconstruction
 
+from .incremental import require_sequential
+
 RANKINGS = ("lamp", "magnitude")
 """Per-round rankings of the refitted weights (names of :data:`bingo.baselines.BASELINES`)."""
 
@@ -94,7 +96,8 @@ def iterative_refit(model: nn.Module, data, config: Optional[IterativeRefitConfi
     least-squares refit per round.
 
     Args:
-        model: the trained model (not modified).
+        model: the trained nn.Sequential (not modified); other models raise (the elimination,
+            ``granularity="structured"``, ranks their unit groups).
         data: training data, (inputs, targets) or a TensorDataset (the refits' calibration data).
         config: :class:`IterativeRefitConfig` (defaults when None).
         include, exclude: layers, as for :func:`bingo.units.find_units`.
@@ -108,6 +111,7 @@ def iterative_refit(model: nn.Module, data, config: Optional[IterativeRefitConfi
 
     config = config or IterativeRefitConfig()
     config.validate()
+    require_sequential(model, "iterative refit search")
     started = time.perf_counter()
     refit = LeastSquaresReconstruction(data, samples=config.samples, damping=config.damping,
                                        seed=config.seed)
