@@ -38,6 +38,7 @@ Both paths are chunked over K so that peak memory stays under ``memory_budget`` 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy
 import warnings
 from dataclasses import dataclass
@@ -260,7 +261,7 @@ class BatchedEvaluator:
         return out
 
     def _choose_path(self, inputs, targets, design, init) -> None:
-        probe = min(2, design.num_subsets)
+        design, probe = _probe_design(design)
         probe_init = self._probe_values(init)
         static = self._static_problem(inputs)
         try:
@@ -320,7 +321,7 @@ class BatchedEvaluator:
         transformer block adding a residual of its input), then inputs repeated per subset.
         Without the vmap reference only failures can be seen, not silently different outputs,
         which is why ``path="auto"`` compares the two."""
-        probe = min(2, design.num_subsets)
+        design, probe = _probe_design(design)
         errors = []
         for expand in (False, True):
             self.expand_inputs = expand
@@ -547,6 +548,20 @@ def model_kept(model: nn.Module):
         yield
     finally:
         structure.restore()
+
+
+def _probe_design(design) -> tuple[object, int]:
+    """A design of at least two differing subsets, and how many of them to probe: one subset
+    alone cannot show a model that mixes rows across subsets (it would take the fast path and be
+    wrong from the second subset on) or a block that cannot add a shared batch to the subsets'
+    rows. A single explicit subset is probed beside its complement; a hashed design is a pure
+    function of the subset index, so it simply describes one more."""
+    if design.num_subsets >= 2:
+        return design, 2
+    if isinstance(design, ExplicitDesign):
+        return ExplicitDesign({k: torch.cat([m[:1], ~m[:1]]) for k, m in
+                               design.unit_reset.items()}), 2
+    return dataclasses.replace(design, num_subsets=2), 2
 
 
 def _zero_like_scalar(t: Tensor) -> Tensor:

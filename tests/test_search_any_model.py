@@ -160,3 +160,30 @@ def test_mha_out_proj_is_reset_through_the_attention_block():
     evaluator = BatchedEvaluator(model, layout, backend="torch")
     _compare(evaluator, layout, design, init, model, x, targets, seed)
     assert evaluator.path == "fast", evaluator.path_reason
+
+
+def test_a_first_call_with_one_subset_still_sees_a_model_that_mixes_rows():
+    """The path is chosen on the first call; with one subset there is nothing to mix, so the
+    check probes a second one (the complement) and the later calls stay right."""
+
+    class CentresTheBatch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(5, 8)
+            self.b = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.b(h - h.mean(0, keepdim=True))    # mixes the rows of the batch
+
+    torch.manual_seed(0)
+    model = CentresTheBatch().double().eval()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    layout = find_units(model, "neuron")
+    evaluator = BatchedEvaluator(model, layout, backend="torch")
+    first = ExplicitDesign({"a.weight": torch.eye(8, dtype=torch.bool)[:1]})
+    with pytest.warns(UserWarning, match="vmap"):
+        evaluator.subsets(x, y, first, None)
+    assert evaluator.path == "vmap"
+    _compare(evaluator, layout, ExplicitDesign({"a.weight": torch.eye(8, dtype=torch.bool)[2:5]}),
+             None, model, x, y, 0)

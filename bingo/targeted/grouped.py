@@ -197,25 +197,6 @@ class _GroupPasses:
         self.batch = owner._evaluator([group])
         self.examples: Optional[BatchedEvaluator] = None
         self.decided = False
-        self._probed: set[int] = set()
-
-    def _subsets(self, ev: BatchedEvaluator, inputs: Tensor, targets: Tensor,
-                 design: ExplicitDesign):
-        """``ev.subsets``, with an evaluator's first design padded to two variants: the
-        evaluator chooses its path (and whether the inputs can be shared) on the first two
-        subsets of its first call, and one subset alone cannot show it a model that mixes rows
-        across subsets (it would take the fast path and be wrong from the second candidate on)
-        or a block that cannot add a shared batch to the candidates' rows (it would fail)."""
-        masks = design.unit_reset[self.group.param_name]
-        if id(ev) in self._probed or masks.shape[0] > 1:
-            self._probed.add(id(ev))
-            return ev.subsets(inputs, targets, design, None)
-        self._probed.add(id(ev))
-        padded = torch.cat([masks, torch.zeros_like(masks)])   # the second removes nothing
-        metrics = ev.subsets(inputs, targets,
-                             ExplicitDesign({self.group.param_name: padded}), None)
-        metrics.loss, metrics.accuracy = metrics.loss[:1], metrics.accuracy[:1]
-        return metrics
 
     def describe(self) -> str:
         ev = self.examples or self.batch
@@ -234,7 +215,7 @@ class _GroupPasses:
         inputs, targets = self.owner.inputs, self.owner.targets
         if self.examples is not None:
             return self._by_example(design)
-        metrics = self._subsets(self.batch, inputs, targets, design)
+        metrics = self.batch.subsets(inputs, targets, design, None)
         if not self.decided:
             self.decided = True
             self._try_examples(design, metrics.loss, metrics.accuracy)
@@ -265,7 +246,7 @@ class _GroupPasses:
         loss = accuracy = None
         weight = targets[:1].numel() / targets.numel()   # every example has as many targets
         for n in range(inputs.shape[0]):
-            metrics = self._subsets(self.examples, inputs[n:n + 1], targets[n:n + 1], design)
+            metrics = self.examples.subsets(inputs[n:n + 1], targets[n:n + 1], design, None)
             part_loss, part_acc = metrics.loss.double() * weight, \
                 metrics.accuracy.double() * weight
             loss = part_loss if loss is None else loss + part_loss
