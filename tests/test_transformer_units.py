@@ -265,7 +265,9 @@ def test_head_baselines_rank_a_dead_head_last(method):
             getattr(model.attn, name).bias[dead * 4:(dead + 1) * 4] /= 100
         model.attn.o.weight[:, dead * 4:(dead + 1) * 4] /= 100
     data = [(torch.randn(2, 5, D, dtype=torch.float64), None)]
-    options = dict(data=data) if method == "wanda" else {}
+    # wanda traces the model on its first calibration batch; the data-free baselines are told
+    # what to trace it with (TinyLM is neither a transformers model nor an MLP)
+    options = dict(data=data) if method == "wanda" else dict(example_inputs=data[0][0])
     scores = baseline_scores(method, model, "structured", **options)["attn.heads"]
     assert int(scores.argmin()) == dead and scores.shape == (H,)
     if method != "lamp":  # LAMP scores are shares of the layer's energy, not normalised

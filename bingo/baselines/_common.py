@@ -1,44 +1,68 @@
-"""Helpers shared by several baselines: row norms, layer normalisation, reference weights.
+"""Helpers shared by several baselines: the score dict, per-unit totals over a unit's slices,
+layer normalisation, running a model on a batch, reference weights.
 
-Kept in one place so that every baseline measures a neuron, normalises a layer and checks a
-user-supplied state (initial weights, a rewind point) the same way.
+Kept in one place so that every baseline measures a unit, normalises a layer and checks a
+user-supplied state (initial weights, a rewind point) the same way. A unit is measured through
+its *slices* (:class:`bingo.units.UnitGroup.slices`, from the structure layer): a per-layer
+neuron's row (a Conv1D's column) with its bias entry, or everything a structured unit owns
+(producers' rows and biases, norm scales and shifts, consumers' columns, a head's q/k/v rows and
+o columns), so no baseline looks at a layer's axes on its own.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+import itertools
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
+import torch
 from torch import Tensor, nn
 
-from bingo.attention import head_totals
 from bingo.errors import InputMismatchError, InvalidOptionError
+from bingo.structure import Slice
 from bingo.units import UnitGroup, UnitLayout
 
-TINY = 1e-12
-"""Keeps an all-zero layer's normalised scores at 0 instead of 0/0."""
+
+class UnitScores(dict):
+    """Score key -> float32 scores (higher = keep): a plain dict that also remembers the
+    granularity it was computed at (``.granularity``), which :func:`bingo.prune` can read
+    instead of inferring it from the shapes. ``dict(scores)`` drops the attribute."""
+
+    def __init__(self, scores: Mapping[str, Tensor] = (), granularity: Optional[str] = None):
+        super().__init__(scores)
+        self.granularity = granularity
 
 
-def row_norms(weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """float64 L2 norm of each output row / channel of ``weight``, its bias entry included."""
-    weight = weight.detach()
-    squares = weight.double().pow(2).reshape(weight.shape[0], -1).sum(1)
-    if bias is not None:
-        squares = squares + bias.detach().double().pow(2)
-    return squares.sqrt()
+def unit_totals(group: UnitGroup,
+                values: Union[Mapping[str, Tensor], Iterable[tuple[str, Tensor]]],
+                keep: Optional[Callable[[Slice], bool]] = None) -> Tensor:
+    """float64 ``(num_units,)``: per unit, the sum of each parameter's values over every slice
+    of the group on that parameter (``keep``: only the slices it accepts).
+
+    ``values`` maps parameter names to tensors of the parameter's shape (or broadcastable to it
+    along the slice's axis), as a mapping or as an iterable of ``(name, tensor)`` pairs (a
+    generator keeps one parameter's values alive at a time); parameters without values are left
+    out. This is how a unit's slices become one number: a neuron's row plus its bias entry, a
+    head's q/k/v rows plus its o columns, a channel's filters plus its BatchNorm entries plus its
+    consumers' input columns.
+    """
+    out = torch.zeros(group.num_units, dtype=torch.float64, device=group.device)
+    for name, value in (values.items() if isinstance(values, Mapping) else values):
+        for s in group.slices:
+            if s.param != name or (keep is not None and not keep(s)):
+                continue
+            along = value.movedim(s.axis, 0)
+            along = along.reshape(along.shape[0], -1).sum(1).to(out.device, torch.float64)
+            out.index_add_(0, s.unit_of.to(out.device), along[s.positions.to(out.device)])
+    return out
 
 
-def group_row_norms(group: UnitGroup) -> Tensor:
-    """:func:`row_norms` of a layer's current weight and bias."""
-    return row_norms(group.module.weight, group.module.bias)
-
-
-def group_unit_norms(group: UnitGroup) -> Tensor:
-    """L2 norm of each structured unit of a group: its output row with bias, or, for an
-    attention block, everything a head owns (q/k/v rows with their biases and o columns)."""
-    if group.structure is None:
-        return group_row_norms(group)
-    squares = {name: t.detach().double().pow(2) for name, t in group.tensors().items()}
-    return head_totals(group.heads, squares).sqrt().to(group.module.weight.device)
+def unit_norms(group: UnitGroup, tensors: Optional[Mapping[str, Tensor]] = None) -> Tensor:
+    """float64 L2 norm of each unit of a neuron or structured group over every parameter slice
+    it owns (see :func:`unit_totals`); ``tensors`` (parameter name -> tensor, e.g. initial
+    weights) default to the live parameters (never buffers: running statistics are data)."""
+    live = group.tensors()
+    tensors = live if tensors is None else tensors
+    return unit_totals(group, ((n, tensors[n].detach().double().pow(2)) for n in live)).sqrt()
 
 
 def layer_normalised(values: Tensor, scale: Optional[Tensor] = None) -> Tensor:
@@ -46,28 +70,58 @@ def layer_normalised(values: Tensor, scale: Optional[Tensor] = None) -> Tensor:
 
     Neuron scores of different layers are not comparable raw (fan-in and initialisation scale
     differ), so the neuron baselines divide each layer's scores by the layer mean of a positive
-    per-neuron quantity; an all-zero layer scores 0, not NaN.
+    per-neuron quantity; an all-zero layer scores 0, not NaN, and a layer of tiny but nonzero
+    scores (a deep layer of an untrained net) is still scaled to mean 1. A structure group (all
+    heads of a block, all channels of a residual stage) is normalised as one layer.
     """
     scale = values if scale is None else scale
-    return (values / scale.double().mean().clamp_min(TINY)).float()
+    mean = scale.double().mean()
+    return torch.where(mean > 0, values / mean, 0.0).float()
 
 
-def reference_tensors(state, layout: UnitLayout, option: str, with_bias: bool
-                      ) -> dict[str, tuple[Tensor, Optional[Tensor]]]:
-    """``{weight name: (weight, bias or None)}`` from a user mapping, checked against ``layout``.
+# -- running a model on data ----------------------------------------------------------------------
 
-    ``state`` maps parameter names to tensors (a ``state_dict`` copy). A missing option, a
-    missing layer or a shape that differs from the model's raises, naming ``option`` and the key.
-    Biases are required only when ``with_bias`` and the layer has one.
+
+def batch_inputs(batch) -> Any:
+    """The inputs of one batch: ``batch[0]`` of an ``(inputs, targets)`` pair, else the batch."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def run_model(model: nn.Module, inputs) -> Any:
+    """``model(**inputs)`` for a dict of keyword arguments (transformers), else
+    ``model(inputs)``."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def peek_inputs(data: Iterable, example_inputs: Any) -> tuple[Any, Iterable]:
+    """``(example_inputs, data)``: when ``example_inputs`` is None, the first batch's inputs
+    (``data`` is re-chained, so a one-shot iterator loses nothing)."""
+    if example_inputs is not None:
+        return example_inputs, data
+    iterator = iter(data)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise InputMismatchError("data yielded no batch") from None
+    return batch_inputs(first), itertools.chain([first], iterator)
+
+
+# -- reference weights ----------------------------------------------------------------------------
+
+
+def reference_state(state, layout: UnitLayout, option: str) -> dict[str, Tensor]:
+    """``{parameter name: tensor}`` from a user mapping (a ``state_dict`` copy), checked against
+    ``layout``: every parameter a unit's measure reads (the weight at weight granularity; the
+    weight and bias of a neuron; every parameter of a structured unit). A missing option, a
+    missing entry or a shape that differs from the model's raises, naming ``option`` and the key.
     """
     require_mapping(state, option, "a copy of model.state_dict() taken before training")
     out = {}
     for g in layout.groups:
-        names = [(g.param_name, g.module.weight)]
-        if with_bias and g.bias_name is not None:
-            names.append((g.bias_name, g.module.bias))
-        tensors = [checked_entry(state, option, name, like) for name, like in names]
-        out[g.param_name] = (tensors[0], tensors[1] if len(tensors) > 1 else None)
+        for name, live in g.tensors().items():
+            if layout.granularity == "weight" and name != g.param_name:
+                continue  # a weight's score reads the weight only
+            out[name] = checked_entry(state, option, name, live)
     return out
 
 
@@ -101,9 +155,21 @@ def checked_entry(state: Mapping, option: str, name: str, like: Tensor) -> Tenso
 
 
 def check_unpruned(model: nn.Module, layout: UnitLayout) -> None:
-    """Raise if a scored layer is already masked with torch.nn.utils.prune."""
+    """Raise if a parameter a scored unit owns is already masked with torch.nn.utils.prune."""
     for g in layout.groups:
-        if hasattr(g.module, "weight_orig"):
-            raise InputMismatchError(
-                f"{g.param_name!r} is already pruned with torch.nn.utils.prune; call prune.remove "
-                "on it (or pass the unpruned model) first")
+        for name in g.tensors():
+            owner, _, attr = name.rpartition(".")
+            if hasattr(model.get_submodule(owner) if owner else model, attr + "_orig"):
+                raise InputMismatchError(
+                    f"{name!r} is already pruned with torch.nn.utils.prune; call prune.remove on "
+                    "it (or pass the unpruned model) first")
+
+
+def unsupported_granularity(baseline: str, granularity: str, supported: tuple[str, ...],
+                            why: str) -> None:
+    """Raise InvalidOptionError naming the baseline, the granularity and why, when
+    ``granularity`` is not in ``supported``."""
+    if granularity not in supported:
+        raise InvalidOptionError(
+            f"baseline {baseline!r} does not support granularity={granularity!r} ({why}); "
+            f"it supports: {', '.join(supported)}")

@@ -20,9 +20,12 @@ Conventions of :func:`imp`:
 * Per layer and round, ``floor(rate * remaining)`` units are pruned (the product rounded to 9
   decimals first, so 0.2 * 15 is 3), never the last unit of a layer; a layer too small for the
   rate to remove a whole unit is left as it is. Within a layer the units with the smallest
-  magnitude of the current (retrained) weights go first: ``|w|`` for weights, the row / channel L2
-  norm with its bias entry for neurons; ties go to the lower flat index.
-* A pruned neuron masks its whole weight row (conv channel) and its bias entry.
+  magnitude of the current (retrained) weights go first: ``|w|`` for weights, the row / channel /
+  Conv1D column L2 norm with its bias entry for neurons; ties go to the lower flat index.
+* A pruned neuron masks its whole weight row (conv channel, Conv1D column) and its bias entry.
+* Weight and neuron granularity only: structured units span parameters of several layers, which
+  :mod:`torch.nn.utils.prune`'s per-module masks (and the paper's per-layer rates) do not
+  describe; ``granularity="structured"`` raises.
 * Masks are enforced during retraining with :mod:`torch.nn.utils.prune`
   (``custom_from_mask``): the module's ``weight`` is recomputed as ``weight_orig * weight_mask``
   before every forward, so masked weights get zero gradient and stay zero; the masked entries of
@@ -55,8 +58,11 @@ from tqdm.auto import tqdm
 from bingo.errors import InvalidOptionError
 from bingo.units import UnitGroup, UnitLayout, find_units
 
-from ._common import (check_unpruned, checked_entry, layer_normalised, require_mapping,
-                      row_norms)
+from ._common import (UnitScores, check_unpruned, checked_entry, layer_normalised,
+                      require_mapping, unit_norms, unsupported_granularity)
+
+GRANULARITIES = ("weight", "neuron")
+"""What :func:`imp` prunes (see the module docstring for why not structured units)."""
 
 
 @dataclass
@@ -120,7 +126,7 @@ class IMPResult:
         """The last round."""
         return self.rounds[-1]
 
-    def scores(self) -> dict[str, Tensor]:
+    def scores(self) -> UnitScores:
         """Baseline-format scores (float32, higher = keep) encoding IMP's pruning order.
 
         A unit pruned in round r scores r (earlier = lower); a survivor scores ``R + 1 + t``
@@ -132,7 +138,7 @@ class IMPResult:
         top = max((float(v.max()) for v in self.final_magnitude.values() if v.numel()),
                   default=0.0)
         survivors = float(len(self.rounds))
-        out = {}
+        out = UnitScores(granularity=self.granularity)
         for key, rounds in self.pruned_in.items():
             tiebreak = self.final_magnitude[key].double() / (2 * top) if top > 0 else 0.0
             out[key] = torch.where(rounds > 0, rounds.double(), survivors + tiebreak).float()
@@ -174,7 +180,7 @@ class _Masked:
         self.params = dict(model.named_parameters())
         self.buffers = dict(model.named_buffers())
         self.unit_masks = {g.param_name: torch.ones(layout.unit_shape(g), dtype=torch.bool,
-                                                    device=g.module.weight.device)
+                                                    device=g.device)
                            for g in layout.groups}
         self.masked: list[tuple[nn.Module, str, str]] = []  # (module, "weight", full name)
         for g in layout.groups:
@@ -196,21 +202,21 @@ class _Masked:
 
     def magnitudes(self, group: UnitGroup) -> Tensor:
         """Flat float64 magnitudes of the layer's units at the current weights."""
-        weight = self.effective(group.param_name)
         if self.layout.granularity == "weight":
-            return weight.abs().double().reshape(-1)
-        bias = None if group.bias_name is None else self.effective(group.bias_name)
-        return row_norms(weight, bias)
+            return self.effective(group.param_name).abs().double().reshape(-1)
+        return unit_norms(group, {name: self.effective(name) for name in group.tensors()})
 
     @torch.no_grad()
     def set_masks(self) -> None:
         for g in self.layout.groups:
             keep = self.unit_masks[g.param_name]
+            if self.layout.granularity == "weight":
+                masks = {g.param_name: keep}
+            else:  # the unit's row (Conv1D: column) and bias entry, from its slices
+                masks = {name: m[0] for name, m in g.param_unit_masks(keep[None]).items()}
             for module, local, full in self.masked:
                 if module is g.module:
-                    shape = (-1,) + (1,) * (self.params[full].dim() - 1)
-                    mask = keep if keep.shape == self.params[full].shape else keep.view(shape)
-                    getattr(module, local + "_mask").copy_(mask.expand_as(self.params[full]))
+                    getattr(module, local + "_mask").copy_(masks[full])
 
     @torch.no_grad()
     def rewind_now(self) -> None:
@@ -252,6 +258,12 @@ def _checked_rewind(model: nn.Module, rewind_state) -> dict[str, Tensor]:
     return rewind
 
 
+def _check_granularity(granularity: str) -> None:
+    unsupported_granularity("imp", granularity, GRANULARITIES,
+                            "structured units span several layers' parameters; IMP masks and "
+                            "prunes per layer")
+
+
 def _check_rate(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise InvalidOptionError(f"{name} must be a fraction in [0, 1), got {value!r}")
@@ -287,7 +299,7 @@ def imp(model: nn.Module, train_fn: Callable[[nn.Module], object], *, rounds: in
         train_fn: ``train_fn(model)`` trains the model it is given for the dense schedule,
             building a fresh optimizer from ``model.parameters()`` on every call.
         rounds: number of prune-rewind-retrain rounds (>= 1).
-        granularity: ``"weight"`` or ``"neuron"``.
+        granularity: ``"weight"`` or ``"neuron"`` (structured units raise).
         rate: fraction of each hidden layer's remaining units pruned per round.
         output_rate: the same for the output layer (when it is scored).
         rewind_state: parameter name -> tensor for every parameter of the model (buffers
@@ -308,13 +320,14 @@ def imp(model: nn.Module, train_fn: Callable[[nn.Module], object], *, rounds: in
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise InvalidOptionError(f"rounds must be a positive integer, got {rounds!r}")
     rate, output_rate = _check_rate("rate", rate), _check_rate("output_rate", output_rate)
+    _check_granularity(granularity)
     layout = find_units(model, granularity, include, exclude)
     check_unpruned(model, layout)
     rewind = _checked_rewind(model, rewind_state)
     last = find_units(model, "weight").groups[-1].param_name
     output_layer = last if any(g.param_name == last for g in layout.groups) else None
     pruned_in = {g.param_name: torch.zeros(layout.unit_shape(g), dtype=torch.int64,
-                                           device=g.module.weight.device) for g in layout.groups}
+                                           device=g.device) for g in layout.groups}
 
     dense_accuracy = eval_fn(model) if eval_fn is not None else None
     state = _Masked(model, layout, rewind)
@@ -346,9 +359,8 @@ def imp(model: nn.Module, train_fn: Callable[[nn.Module], object], *, rounds: in
 
     final = {}
     for g in layout.groups:
-        weight = g.module.weight.detach()
-        final[g.param_name] = (weight.abs().float() if granularity == "weight"
-                               else layer_normalised(row_norms(weight, g.module.bias)))
+        final[g.param_name] = (g.module.weight.detach().abs().float() if granularity == "weight"
+                               else layer_normalised(unit_norms(g)))
     return IMPResult(model=model, rounds=history, granularity=granularity, rate=rate,
                      output_rate=output_rate, output_layer=output_layer, pruned_in=pruned_in,
                      final_magnitude=final)
@@ -358,7 +370,7 @@ def imp_scores(model: nn.Module, granularity: str = "weight", include=None, excl
                train_fn: Optional[Callable[[nn.Module], object]] = None,
                rewind_state: Optional[Mapping[str, Tensor]] = None, rounds: Optional[int] = None,
                rate: float = 0.2, output_rate: float = 0.1, inplace: bool = False,
-               progress: bool = False) -> dict[str, Tensor]:
+               progress: bool = False) -> UnitScores:
     """Registry entry ``BASELINES["imp"]``: :func:`imp` on a copy of ``model``, then its scores.
 
     ``train_fn``, ``rewind_state`` and ``rounds`` are required (see :func:`imp`). The caller's
@@ -367,6 +379,7 @@ def imp_scores(model: nn.Module, granularity: str = "weight", include=None, excl
     dense model with them applies IMP's masks *without* IMP's retraining - to evaluate IMP's own
     retrained networks, call :func:`imp` with ``keep_states=True``.
     """
+    _check_granularity(granularity)
     for name, value in (("train_fn", train_fn), ("rewind_state", rewind_state),
                         ("rounds", rounds)):
         if value is None:

@@ -15,19 +15,24 @@ initial weights (option ``initial``).
   (the layer mean of the final row norms), so the score is magnitude's neuron score minus the
   initial norm in the same units, and layers with different fan-in are comparable. (Dividing the
   difference by its own layer mean is not an option: that mean can be near zero or negative.)
+* ``granularity="structured"``: the same with each unit's group L2 norm over every parameter
+  slice it owns (:func:`bingo.baselines.magnitude`'s structured norm), final and initial, divided
+  by the group mean of the final norms. ``initial`` must then hold every parameter the groups
+  own.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Union
+from typing import Any, Mapping, Union
 
 from torch import Tensor, nn
 
-from bingo.errors import InvalidOptionError, require_option
+from bingo.errors import InvalidOptionError
 from bingo.search import TicketSearch
+
 from bingo.units import find_units
 
-from ._common import group_row_norms, layer_normalised, reference_tensors, row_norms
+from ._common import UnitScores, layer_normalised, reference_state, unit_norms
 
 
 def initial_state_of(initial) -> Mapping[str, Tensor]:
@@ -47,33 +52,33 @@ def initial_state_of(initial) -> Mapping[str, Tensor]:
 
 
 def magnitude_increase(model: nn.Module, granularity: str = "weight", include=None, exclude=None,
-                       initial: Union[Mapping[str, Tensor], object, None] = None
-                       ) -> dict[str, Tensor]:
+                       initial: Union[Mapping[str, Tensor], object, None] = None,
+                       example_inputs: Any = None) -> UnitScores:
     """Magnitude-increase scores of ``model``'s units (higher = keep); see the module docstring.
 
     Args:
         model: the trained network.
-        granularity: ``"weight"`` or ``"neuron"``.
-        include, exclude: layer names or patterns, as for :func:`bingo.units.find_units`.
+        granularity: ``"weight"``, ``"neuron"`` or ``"structured"``.
+        include, exclude: layer or group names or patterns, as for
+            :func:`bingo.units.find_units`.
         initial: parameter name -> initial tensor for every scored layer's weight (and bias, at
-            neuron granularity), e.g. ``copy.deepcopy(model.state_dict())`` taken before training,
-            or a :class:`bingo.TicketSearch` with ``reset="init"`` (its stored snapshot). Extra
-            entries are ignored; a missing layer or a different shape raises.
+            neuron granularity; every parameter of a unit group at structured granularity),
+            e.g. ``copy.deepcopy(model.state_dict())`` taken before training, or a
+            :class:`bingo.TicketSearch` with ``reset="init"`` (its stored snapshot). Extra
+            entries are ignored; a missing entry or a different shape raises.
+        example_inputs: structured granularity: one batch to trace the model with.
 
     Returns:
-        ``{weight parameter name: float32 scores}`` on each weight's device.
+        ``{score key: float32 scores}`` on each group's device (a :class:`UnitScores`).
     """
-    # Heads would need the initial norms of every tensor a head spans; not implemented.
-    require_option("granularity", granularity, ("weight", "neuron"))
-    layout = find_units(model, granularity, include, exclude)
-    start = reference_tensors(initial_state_of(initial), layout, "initial",
-                              with_bias=granularity == "neuron")
-    scores = {}
+    layout = find_units(model, granularity, include, exclude, example_inputs=example_inputs)
+    start = reference_state(initial_state_of(initial), layout, "initial")
+    scores = UnitScores(granularity=layout.granularity)
     for g in layout.groups:
-        w0, b0 = start[g.param_name]
         if granularity == "weight":
-            scores[g.param_name] = (g.module.weight.detach().abs() - w0.abs()).float()
+            scores[g.param_name] = (g.module.weight.detach().abs() -
+                                    start[g.param_name].abs()).float()
         else:
-            norms = group_row_norms(g)
-            scores[g.param_name] = layer_normalised(norms - row_norms(w0, b0), scale=norms)
+            norms = unit_norms(g)
+            scores[g.param_name] = layer_normalised(norms - unit_norms(g, start), scale=norms)
     return scores

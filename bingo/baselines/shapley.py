@@ -35,6 +35,10 @@ mean over the grid points where it has one (a warning counts these), and 0 where
 With an additive game (units that do not interact) every phi_p equals the Shapley value, and the
 estimate converges to it for any grid.
 
+Any granularity the ticket search has: weights, neurons, or structured units (heads, MLP neurons
+with their consumers' columns, conv channels with their BatchNorm entries; the coalitions zero
+every slice of a unit, as the search's reset does).
+
 Cost: ``samples`` forward passes of the whole ``data`` (plus one unreset pass per grid point), no
 backward; memory: one chunk of coalitions as the ticket search uses.
 """
@@ -42,7 +46,7 @@ backward; memory: one chunk of coalitions as the ticket search uses.
 from __future__ import annotations
 
 import warnings
-from typing import Iterable, Sequence, Union
+from typing import Any, Iterable, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +54,10 @@ from tqdm.auto import tqdm
 
 from bingo.errors import InputMismatchError, InvalidOptionError, require_option
 from bingo.search import TicketSearch
+
 from bingo.units import find_units
+
+from ._common import UnitScores
 
 METRICS = ("loss", "accuracy")
 _SEED_STRIDE = 0x9E3779B9  # decorrelates the hash seeds of the grid points
@@ -101,13 +108,15 @@ def _split(samples: int, parts: int) -> list[int]:
 def shapley(model: nn.Module, granularity: str = "weight", include=None, exclude=None,
             data: Union[Iterable, tuple, None] = None, samples: int = 1024,
             fractions: Union[int, Sequence[float]] = 8, seed: int = 0, metric: str = "loss",
-            backend: str = "auto", progress: bool = False) -> dict[str, Tensor]:
+            backend: str = "auto", progress: bool = False,
+            example_inputs: Any = None) -> UnitScores:
     """Monte-Carlo Shapley values of ``model``'s units (higher = keep); see the module docstring.
 
     Args:
         model: the trained network (its weights are not changed).
-        granularity: ``"weight"`` or ``"neuron"``.
-        include, exclude: layer names or patterns, as for :func:`bingo.units.find_units`.
+        granularity: ``"weight"``, ``"neuron"`` or ``"structured"``.
+        include, exclude: layer or group names or patterns, as for
+            :func:`bingo.units.find_units`.
         data: ``(inputs, targets)`` tensors, or an iterable of such batches (concatenated).
         samples: total number of coalitions (forward passes over ``data``), split over the grid;
             at least 2 per grid point.
@@ -117,10 +126,13 @@ def shapley(model: nn.Module, granularity: str = "weight", include=None, exclude
         metric: ``"loss"`` (mean cross-entropy; default) or ``"accuracy"``.
         backend: kernel backend for the batched evaluation, as for TicketSearch.
         progress: show a progress bar over the grid points.
+        example_inputs: structured granularity: one batch to trace the model with; default the
+            inputs of ``data``.
 
     Returns:
-        ``{weight parameter name: float32 Shapley values}`` (expected increase of the loss, or
-        decrease of accuracy, when the unit leaves a random coalition) on each weight's device.
+        ``{score key: float32 Shapley values}`` (expected increase of the loss, or decrease of
+        accuracy, when the unit leaves a random coalition) on each group's device (a
+        :class:`UnitScores`).
     """
     require_option("metric", metric, METRICS)
     grid = _grid(fractions)
@@ -129,12 +141,13 @@ def shapley(model: nn.Module, granularity: str = "weight", include=None, exclude
                                  f"({2 * len(grid)} for {len(grid)} points), got {samples!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise InvalidOptionError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    layout = find_units(model, granularity, include, exclude)  # checks the layer selection early
     inputs, targets = _concatenated(data)
-    weights = {g.param_name: g.module.weight for g in layout.groups}
-    totals = {k: torch.zeros(layout.unit_shape(g), dtype=torch.float64,
-                             device=g.module.weight.device)
-              for k, g in zip(weights, layout.groups)}
+    if example_inputs is None:
+        example_inputs = inputs
+    # Checks the layer selection before any search runs.
+    layout = find_units(model, granularity, include, exclude, example_inputs=example_inputs)
+    totals = {g.param_name: torch.zeros(layout.unit_shape(g), dtype=torch.float64,
+                                        device=g.device) for g in layout.groups}
     counts = {k: torch.zeros_like(t) for k, t in totals.items()}
     path = "auto"
     for j, (fraction, subsets) in enumerate(tqdm(list(zip(grid, _split(samples, len(grid)))),
@@ -143,7 +156,8 @@ def shapley(model: nn.Module, granularity: str = "weight", include=None, exclude
         search = TicketSearch(model, granularity, subsets=subsets, fraction=fraction,
                               reset="zero", metric=metric, score="attribution",
                               seed=(seed + _SEED_STRIDE * (j + 1)) % 2**32, backend=backend,
-                              include=include, exclude=exclude, path=path)
+                              include=include, exclude=exclude, path=path,
+                              example_inputs=example_inputs)
         search.step(inputs, targets)
         path = search.path  # the first search chose it; the others reuse the choice
         with warnings.catch_warnings():
@@ -161,5 +175,6 @@ def shapley(model: nn.Module, granularity: str = "weight", include=None, exclude
             f"bingo: shapley: {missing} unit(s) had no estimate at some grid point (no coalition "
             f"zeroed them, or all did; {never} at every point, scored 0); their value averages "
             "the other points. Raise samples for a full estimate.", stacklevel=2)
-    return {k: (totals[k] / counts[k].clamp_min(1)).float() for k in totals}
+    return UnitScores({k: (totals[k] / counts[k].clamp_min(1)).float() for k in totals},
+                      layout.granularity)
 

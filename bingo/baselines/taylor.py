@@ -11,10 +11,20 @@ zero, ``|dL| ~ |theta * dL/dtheta|``, summed over the training steps it is obser
 * ``granularity="weight"``: ``sum_steps |w * dL/dw|`` per weight element (the weight before the
   optimizer step, the gradient of that step's backward). Compared globally, not normalised.
 * ``granularity="neuron"``: Molchanov's criterion ``sum_steps |sum_{batch, spatial} h * dL/dh|``
-  per output unit / conv channel, where ``h`` is the layer's own (pre-activation) output, then
-  divided by the layer's mean score. Molchanov et al. 2017 L2-normalise each layer's scores
-  because raw Taylor scores differ in scale across depth; dividing by the layer mean does the same
-  job (scale-free per layer) and matches :func:`bingo.baselines.magnitude`'s neuron scores.
+  per output unit / conv channel / Conv1D column, where ``h`` is the layer's own
+  (pre-activation) output, then divided by the layer's mean score. Molchanov et al. 2017
+  L2-normalise each layer's scores because raw Taylor scores differ in scale across depth;
+  dividing by the layer mean does the same job (scale-free per layer) and matches
+  :func:`bingo.baselines.magnitude`'s neuron scores.
+* ``granularity="structured"``: Molchanov et al. 2019's group criterion, the first-order change
+  of the loss when every parameter of the group is removed at once, ``I_S = (sum_{s in S} g_s
+  w_s)**2``: here ``sum_steps |sum_{s in unit} w_s * dL/dw_s|`` over every parameter slice the
+  unit owns (:mod:`bingo.structure`: producers' rows and biases, BatchNorm scale and shift,
+  consumers' columns, a head's q/k/v rows and o columns), divided by the mean over its group.
+  The absolute value instead of the square ranks a group identically and keeps the neuron
+  criterion's units (the neuron criterion is this sum over a row and its bias). Torch-Pruning's
+  ``GroupTaylorImportance`` takes the absolute value per layer slice before adding them up; the
+  sum over the whole unit comes first here, as removing the unit removes all its slices at once.
 
 How it is measured (cheap, and it cannot change training): a gradient hook on each scored layer's
 parameters that only reads the gradient and returns nothing, so the gradients autograd accumulates
@@ -24,22 +34,24 @@ and the optimizer sees are untouched. For neurons no activation is stored: for `
     sum_{batch, spatial} h_i * dL/dh_i = sum_j W_ij * dL/dW_ij + b_i * dL/db_i
 
 exactly, so the neuron criterion is computed from the weight and bias gradients of the same
-backward (one ``torch.autograd.graph.register_multi_grad_hook`` per layer). This costs one
-elementwise product and a row sum per layer per backward, keeps no activation alive, and is immune
-to in-place activations (``nn.ReLU(inplace=True)`` overwrites ``h`` before the backward, which
-would corrupt a forward-hook copy). Each backward pass counts as one step; with gradient
+backward (one ``torch.autograd.graph.register_multi_grad_hook`` per layer, or per structure
+group over all its parameters). This costs one elementwise product and a row sum per layer per
+backward, keeps no activation alive, and is immune to in-place activations
+(``nn.ReLU(inplace=True)`` overwrites ``h`` before the backward, which would corrupt a
+forward-hook copy). Each backward pass counts as one step; with gradient
 accumulation over micro-batches every micro-batch is a step (the absolute value is taken per
 backward). A layer called several times in one forward gets the sum over its calls.
 
 Cost: no extra forward or backward pass during training; memory one float64 tensor of score shape
 per layer. The registry function :func:`taylor` can instead compute the scores at the final
-weights: one forward and backward per batch of ``data``.
+weights: one forward and backward per batch of ``data`` (a dict of keyword arguments for a
+transformers model; token targets ``(B, T)`` for a language model).
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +62,7 @@ from bingo.errors import CheckpointError, InputMismatchError, InvalidOptionError
 from bingo.executor import model_logits
 from bingo.units import UnitGroup, find_units
 
-from ._common import layer_normalised
+from ._common import UnitScores, layer_normalised, peek_inputs, run_model, unit_totals
 
 STATE_FORMAT = "bingo.TaylorAccumulator"
 STATE_VERSION = 1
@@ -70,25 +82,30 @@ class TaylorAccumulator:
 
     Args:
         model: the network being trained.
-        granularity: ``"weight"`` or ``"neuron"``.
-        include, exclude: layer names or patterns, as for :func:`bingo.units.find_units`.
+        granularity: ``"weight"``, ``"neuron"`` or ``"structured"``.
+        include, exclude: layer or group names or patterns, as for
+            :func:`bingo.units.find_units`.
+        example_inputs: structured granularity: one batch to trace the model with (built from a
+            transformers model's config when None).
 
     Attributes:
         steps: number of backward passes observed (the most any scored layer has seen).
-        sums: per score key, the float64 running sums (weights: ``|w * g|``; neurons:
-            ``|sum h * dL/dh|``), before any normalisation.
+        sums: per score key, the float64 running sums (weights: ``|w * g|``; neurons and
+            structured units: ``|sum w * dL/dw|`` over the unit's parameters), before any
+            normalisation.
     """
 
     def __init__(self, model: nn.Module, granularity: str = "weight", include=None,
-                 exclude=None):
+                 exclude=None, example_inputs: Any = None):
         if not isinstance(model, nn.Module):
             raise InvalidOptionError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
         self.granularity = granularity
-        self.layout = find_units(model, granularity, include, exclude)
+        self.layout = find_units(model, granularity, include, exclude,
+                                 example_inputs=example_inputs)
         self.sums: dict[str, Tensor] = {
             g.param_name: torch.zeros(self.layout.unit_shape(g), dtype=torch.float64,
-                                      device=g.module.weight.device)
+                                      device=g.device)
             for g in self.layout.groups}
         self.counts: dict[str, int] = {g.param_name: 0 for g in self.layout.groups}
         self._handles: list = []
@@ -110,12 +127,14 @@ class TaylorAccumulator:
         if self.attached:
             return self
         for g in self.layout.groups:
-            weight = g.module.weight
             if self.granularity == "weight":
-                self._handles.append(weight.register_hook(self._weight_hook(g, weight)))
+                self._handles.append(g.module.weight.register_hook(
+                    self._weight_hook(g, g.module.weight)))
             else:
-                params = [weight] + ([g.module.bias] if g.bias_name is not None else [])
-                self._handles.append(register_multi_grad_hook(params, self._neuron_hook(g, params)))
+                params = {name: t for name, t in g.tensors().items() if t.requires_grad}
+                if params:
+                    self._handles.append(register_multi_grad_hook(
+                        list(params.values()), self._unit_hook(g, params)))
         return self
 
     def close(self) -> None:
@@ -140,32 +159,32 @@ class TaylorAccumulator:
 
         return hook
 
-    def _neuron_hook(self, group: UnitGroup, params: list[Tensor]) -> Callable:
+    def _unit_hook(self, group: UnitGroup, params: dict[str, Tensor]) -> Callable:
         key = group.param_name
 
         def hook(grads) -> None:
             if all(g is None for g in grads):
                 return
             with torch.no_grad():
-                total = self.sums[key].new_zeros(self.sums[key].shape)
-                for param, grad in zip(params, grads):
-                    if grad is not None:
-                        total += (param.detach() * grad).reshape(total.shape[0], -1).sum(1)
-                self.sums[key].add_(total.abs())
+                # one product alive at a time (a large model's MLP group spans three matrices)
+                products = ((name, param.detach() * grad) for (name, param), grad
+                            in zip(params.items(), grads) if grad is not None)
+                self.sums[key].add_(unit_totals(group, products).abs())
             self.counts[key] += 1
 
         return hook
 
     # -- results ----------------------------------------------------------------------------------
 
-    def scores(self) -> dict[str, Tensor]:
-        """``{weight parameter name: float32 scores}`` (higher = keep); see the module docstring."""
+    def scores(self) -> UnitScores:
+        """``{score key: float32 scores}`` (higher = keep); see the module docstring."""
         if self.steps == 0:
             warnings.warn("bingo: the Taylor accumulator has seen no backward pass; every score "
                           "is 0 (attach it before training)", stacklevel=2)
         if self.granularity == "weight":
-            return {k: v.float() for k, v in self.sums.items()}
-        return {k: layer_normalised(v) for k, v in self.sums.items()}
+            return UnitScores({k: v.float() for k, v in self.sums.items()}, self.granularity)
+        return UnitScores({k: layer_normalised(v) for k, v in self.sums.items()},
+                          self.granularity)
 
     def state_dict(self) -> dict:
         """The running sums and counters (plus what identifies the model), for checkpoints."""
@@ -203,7 +222,8 @@ class TaylorAccumulator:
 
 
 def default_loss(output, targets: Tensor) -> Tensor:
-    """Mean cross-entropy of the model's logits (``(batch, ..., classes)``) against ``targets``."""
+    """Mean cross-entropy of the model's logits (``(batch, ..., classes)``) against ``targets``
+    (``(batch, ...)``: classes, or a language model's next tokens ``(B, T)``)."""
     logits = model_logits(output)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
@@ -221,7 +241,7 @@ def _accumulate_over(accumulator: TaylorAccumulator, data: Iterable,
             for batch in data:
                 for p in params:
                     p.grad = None
-                loss_fn(model(batch[0]), batch[1]).backward()
+                loss_fn(run_model(model, batch[0]), batch[1]).backward()
     finally:
         for p, grad in zip(params, saved):
             p.grad = grad
@@ -230,23 +250,27 @@ def _accumulate_over(accumulator: TaylorAccumulator, data: Iterable,
 
 def taylor(model: nn.Module, granularity: str = "weight", include=None, exclude=None,
            accumulator: Optional[TaylorAccumulator] = None, data: Optional[Iterable] = None,
-           loss_fn: Optional[Callable] = None) -> dict[str, Tensor]:
+           loss_fn: Optional[Callable] = None, example_inputs: Any = None) -> UnitScores:
     """First-order Taylor scores of ``model``'s units (higher = keep); see the module docstring.
 
     Args:
         model: the trained network.
-        granularity: ``"weight"`` or ``"neuron"``.
-        include, exclude: layer names or patterns, as for :func:`bingo.units.find_units`.
+        granularity: ``"weight"``, ``"neuron"`` or ``"structured"``.
+        include, exclude: layer or group names or patterns, as for
+            :func:`bingo.units.find_units`.
         accumulator: a :class:`TaylorAccumulator` attached during training; its scores are
-            returned (it must cover the same layers at the same granularity).
-        data: instead, an iterable of ``(inputs, targets)`` batches: the scores are computed at
-            the current (final) weights, one forward and backward per batch, in eval mode; the
-            model's weights, buffers and ``.grad`` are left as they were.
+            returned (it must cover the same units at the same granularity).
+        data: instead, an iterable of ``(inputs, targets)`` batches (inputs: a tensor, or a dict
+            of keyword arguments): the scores are computed at the current (final) weights, one
+            forward and backward per batch, in eval mode; the model's weights, buffers and
+            ``.grad`` are left as they were.
         loss_fn: ``loss_fn(model(inputs), targets) -> scalar``, with ``data``; default the mean
             cross-entropy of the logits.
+        example_inputs: structured granularity: one batch to trace the model with; default the
+            first batch of ``data``, or the model's own example (transformers' config).
 
     Returns:
-        ``{weight parameter name: float32 scores}`` on each weight's device.
+        ``{score key: float32 scores}`` on each group's device (a :class:`UnitScores`).
     """
     if (accumulator is None) == (data is None):
         raise InvalidOptionError("taylor needs exactly one of accumulator= (a TaylorAccumulator "
@@ -255,7 +279,7 @@ def taylor(model: nn.Module, granularity: str = "weight", include=None, exclude=
         if not isinstance(accumulator, TaylorAccumulator):
             raise InvalidOptionError(
                 f"accumulator must be a TaylorAccumulator, got {type(accumulator).__name__}")
-        layout = find_units(model, granularity, include, exclude)
+        layout = find_units(model, granularity, include, exclude, example_inputs=example_inputs)
         expected = [g.param_name for g in layout.groups]
         if accumulator.granularity != granularity or list(accumulator.sums) != expected:
             raise InputMismatchError(
@@ -264,6 +288,8 @@ def taylor(model: nn.Module, granularity: str = "weight", include=None, exclude=
         return accumulator.scores()
     if loss_fn is not None and not callable(loss_fn):
         raise InvalidOptionError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    accumulator = TaylorAccumulator(model, granularity, include, exclude)
+    if granularity == "structured":
+        example_inputs, data = peek_inputs(data, example_inputs)
+    accumulator = TaylorAccumulator(model, granularity, include, exclude, example_inputs)
     _accumulate_over(accumulator, data, loss_fn or default_loss)
     return accumulator.scores()

@@ -1,24 +1,40 @@
 """Wanda-style scores: weight magnitude times input activation norm, ``|W_ij| * ||X_j||``.
 
 Paper: M. Sun, Z. Liu, A. Bair, J. Z. Kolter, "A Simple and Effective Pruning Approach for Large
-Language Models", ICLR 2024 (arXiv:2306.11695).
+Language Models", ICLR 2024 (arXiv:2306.11695). Structured variant ("Wanda-sp"): Y. An, X. Zhao,
+T. Yu, M. Tang, J. Wang, "Fluctuation-based Adaptive Structured Pruning for Large Language
+Models" (FLAP), AAAI 2024 (arXiv:2312.11983).
 
 Estimates: how much output a weight carries on typical inputs: ``|W_ij|`` times the L2 norm of
-input feature ``j`` over all calibration rows (tokens). ``||X_j||`` is measured by forward hooks
-(or, for nn.MultiheadAttention, whose out-projection is not called as a module, by running its
-forward through :func:`bingo.attention.mha_forward` with recording projections) on ``data``.
+input feature ``j`` over all calibration rows (tokens, or batch and positions for a conv).
+``||X_j||`` is measured by hooks on the modules that multiply each weight with an input
+(:mod:`bingo.baselines._inputs`: nn.Linear, transformers' Conv1D, nn.Conv2d with any ``groups``,
+nn.MultiheadAttention, which uses its out-projection functionally) on ``data``.
 
-* ``granularity="weight"``: ``|W_ij| * ||X_j||`` per weight of each nn.Linear, ranked globally.
+* ``granularity="weight"``: ``|W_ij| * ||X_j||`` per weight of each layer, ranked globally.
   (Wanda proper compares weights within each output row; bingo's :func:`bingo.prune` ranks all
   units globally, so this is the global variant.)
-* ``granularity="neuron"``: a row's sum ``sum_j |W_ij| ||X_j||``, divided by the layer mean (the
-  same layer normalisation as :func:`bingo.baselines.magnitude`).
-* ``granularity="structured"``: MLP neurons as above; a head sums ``|W| ||X||`` over its q/k/v
-  rows (each with its own input: query, key, value) and its o-projection columns (input: the head
-  outputs), divided by the block's mean. Biases are left out (their input is the constant 1).
+* ``granularity="neuron"``: an output unit's sum ``sum_j |W_ij| ||X_j||`` over its row (conv
+  channel, Conv1D column), divided by the layer mean (the same layer normalisation as
+  :func:`bingo.baselines.magnitude`).
+* ``granularity="structured"``, ``variant="slices"`` (default): per unit, the sum of
+  ``|W| * ||X||`` over every weight slice the unit owns (:mod:`bingo.structure`): its producers'
+  rows (each with that producer's input: a head's q, k and v rows read the query, key and value
+  inputs), its consumers' columns (whose input is the unit's own activation: the head outputs, the
+  MLP neuron, the conv channel), divided by the group mean. Biases and norm scales and shifts are
+  left out (a bias reads the constant 1; Wanda scores the weights that multiply an input), and so
+  are embedding tables (they look up token ids, not features).
+* ``granularity="structured"``, ``variant="wanda-sp"``: FLAP's Wanda-sp exactly as published
+  (its ``prune_wanda_sp``): only the consumers' columns count, each column scoring the *mean*
+  over its rows of ``|W_ij| * ||X_j||``, summed over the unit's columns (a head: its head_dim
+  columns of o_proj, a key/value group: those of its query heads; an MLP neuron: its down_proj
+  column), then divided by the group mean. The paper scores only the layer after the unit;
+  ``"slices"`` also counts what the producers' rows carry into the unit.
 
-nn.Conv2d layers use one norm per input channel (over batch and positions), not per unfolded
-patch element: a simplification of Wanda for convolutions.
+Convolutions use one norm per input channel (over batch and positions), not per unfolded patch
+element: a simplification of Wanda for convolutions. A grouped or depthwise convolution's output
+channel ``o`` reads only the input channels of its group (depthwise: input channel
+``o // multiplier``), and is scored with those.
 
 Cost: one forward pass per calibration batch, no backward; memory one float64 vector per layer
 input.
@@ -26,160 +42,89 @@ input.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
-import torch
 from torch import Tensor, nn
 
-from bingo.attention import HeadLayout, head_totals, mha_forward, packed_in_projection
-from bingo.errors import InputMismatchError, InvalidOptionError
+from bingo.errors import InvalidOptionError, require_option
 from bingo.units import UnitGroup, find_units
 
-from ._common import check_unpruned, layer_normalised
+from ._common import UnitScores, check_unpruned, layer_normalised, peek_inputs, unit_totals
+from ._inputs import input_axis, input_squares, weight_users
+
+VARIANTS = ("slices", "wanda-sp")
+"""Structured scores: every weight slice of a unit, or FLAP's Wanda-sp (consumers' columns)."""
 
 
-class _Norms:
-    """Running sums of squared input features, keyed by (score key, role)."""
-
-    def __init__(self):
-        self.squares: dict[tuple[str, str], Tensor] = {}
-
-    def add(self, key: tuple[str, str], x: Tensor, channel_dim: int = -1) -> None:
-        x = x.detach().movedim(channel_dim, -1)
-        sq = x.reshape(-1, x.shape[-1]).double().pow(2).sum(0)
-        self.squares[key] = self.squares.get(key, 0) + sq
-
-    def norm(self, key: tuple[str, str]) -> Tensor:
-        if key not in self.squares:
-            raise InputMismatchError(
-                f"wanda: no input reached {key[0]!r} ({key[1]}) during calibration; is it used "
-                "in the forward?")
-        return self.squares[key].sqrt()
+def _weight_scores(group: UnitGroup, squares: dict[str, Tensor]):
+    """``(name, |W| * ||X||)`` (float64, the weight's shape) for each of the group's weights with
+    recorded inputs, one at a time (a float64 copy of a large model's weights would not fit)."""
+    for name, t in group.tensors().items():
+        if name in squares:
+            yield name, t.detach().abs().double() * squares[name].sqrt()
 
 
-# Layer kind -> the dimension of its input that holds the features its weight's dim 1 reads.
-_CHANNEL_DIM = {"linear": -1, "conv2d": 1}
-
-
-def _linear_hooks(group: UnitGroup, norms: _Norms) -> list:
-    dim = _CHANNEL_DIM[group.kind]
-    return [group.module.register_forward_hook(
-        lambda _m, inp, _out: norms.add((group.param_name, "in"), inp[0], dim))]
-
-
-def _head_hooks(group: UnitGroup, norms: _Norms) -> list:
-    layout = group.heads
-    key = group.param_name
-    if layout.kind == "linear":
-        handles = []
-        for role, child in layout.projections.items():
-            roles = "qkv" if role == "qkv" else role
-
-            def hook(_m, inp, _out, roles=roles):
-                for r in roles:
-                    norms.add((key, r), inp[0])
-            handles.append(layout.module.get_submodule(child).register_forward_hook(hook))
-        return handles
-    module = layout.module
-    plain_in = packed_in_projection(module)
-
-    def project_in(query, key_, value):
-        for r, x in zip("qkv", (query, key_, value)):
-            norms.add((key, r), x)
-        return plain_in(query, key_, value)
-
-    def project_out(x):
-        norms.add((key, "o"), x)
-        return module.out_proj(x)
-
-    def forward(query, key_, value, **kwargs):
-        return mha_forward(module, query, key_, value, project_in, project_out, **kwargs)
-
-    module.forward = forward
-
-    class _Unpatch:
-        def remove(self):
-            del module.forward
-    return [_Unpatch()]
-
-
-def _head_scores(layout: HeadLayout, key: str, norms: _Norms) -> Tensor:
-    values = {}
-    for s in layout.slices:
-        if not s.param.endswith("weight"):
-            continue  # biases read the constant input 1; Wanda scores weights
-        live = layout.tensors()[s.param]
-        if s.param not in values:
-            values[s.param] = torch.zeros(live.shape, dtype=torch.float64)
-        run = live.detach().narrow(s.axis, s.start, s.stop - s.start).abs().double().cpu()
-        x = norms.norm((key, s.role))
-        if s.axis == 1:  # o-projection columns: the inputs are the same columns
-            x = x[s.start:s.stop]
-        values[s.param].narrow(s.axis, s.start, s.stop - s.start).copy_(run * x.cpu())
-    return layer_normalised(head_totals(layout, values))
-
-
-def _batches(data: Iterable, batches: Optional[int]):
-    for i, batch in enumerate(data):
-        if batches is not None and i >= batches:
-            return
-        yield batch[0] if isinstance(batch, (tuple, list)) else batch
+def _column_means(group: UnitGroup, squares: dict[str, Tensor], in_axis: dict[str, int]):
+    """Wanda-sp's per-weight values: ``|W| * ||X||`` divided by the number of rows each input
+    column has, so that a consumer column's sum is its row mean (weights the group holds no
+    columns of are skipped)."""
+    consumed = {s.param for s in group.slices if in_axis.get(s.param) == s.axis}
+    for name, value in _weight_scores(group, {n: q for n, q in squares.items() if n in consumed}):
+        yield name, value / (value.numel() // value.shape[in_axis[name]])
 
 
 def wanda(model: nn.Module, granularity: str = "weight", include=None, exclude=None, *,
-          data: Optional[Iterable] = None, batches: Optional[int] = None) -> dict[str, Tensor]:
+          data: Optional[Iterable] = None, batches: Optional[int] = None,
+          example_inputs: Any = None, variant: str = "slices") -> UnitScores:
     """Wanda scores ``|W| * ||X||`` of ``model``'s units (higher = keep); see the module docstring.
 
     Args:
         model: the trained network (run in eval mode on ``data``, restored after).
         granularity: ``"weight"``, ``"neuron"`` or ``"structured"``.
-        include, exclude: layer names or patterns, as for :func:`bingo.units.find_units`.
-        data: calibration batches: ``(inputs, targets)`` pairs or bare input tensors.
+        include, exclude: layer or group names or patterns, as for
+            :func:`bingo.units.find_units`.
+        data: calibration batches: ``(inputs, targets)`` pairs or bare inputs (a tensor, or a
+            dict of keyword arguments).
         batches: use at most this many batches of ``data`` (None: all).
+        example_inputs: structured granularity: one batch to trace the model with; default the
+            first batch of ``data``.
+        variant: structured granularity: ``"slices"`` (every weight slice of a unit) or
+            ``"wanda-sp"`` (FLAP's Wanda-sp: the consumers' columns only).
 
     Returns:
-        ``{score key: float32 scores}`` on each layer's device.
+        ``{score key: float32 scores}`` on each group's device (a :class:`UnitScores`).
     """
     if data is None:
         raise InvalidOptionError("wanda needs data=: calibration batches (inputs, targets)")
     if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int)
                                 or batches < 1):
         raise InvalidOptionError(f"batches must be a positive integer or None, got {batches!r}")
-    layout = find_units(model, granularity, include, exclude)
+    require_option("variant", variant, VARIANTS)
+    if variant != "slices" and granularity != "structured":
+        raise InvalidOptionError(f"wanda: variant={variant!r} scores structured units; "
+                                 f"granularity={granularity!r} takes the default variant")
+    if granularity == "structured":
+        example_inputs, data = peek_inputs(data, example_inputs)
+    layout = find_units(model, granularity, include, exclude, example_inputs=example_inputs)
     check_unpruned(model, layout)
-    norms = _Norms()
-    handles = []
-    was_training = model.training
-    try:
-        for g in layout.groups:
-            handles += _head_hooks(g, norms) if g.heads is not None else _linear_hooks(g, norms)
-        model.eval()
-        seen = 0
-        with torch.no_grad():
-            for x in _batches(data, batches):
-                model(x)
-                seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if not seen:
-        raise InputMismatchError("wanda: data yielded no batch")
-    scores = {}
+    if layout.granularity == "structured":
+        wanted = {name for g in layout.groups for name, t in g.tensors().items() if t.dim() > 1}
+    else:
+        wanted = {g.param_name for g in layout.groups}
+    users = weight_users(model, layout, wanted, example_inputs)
+    squares = input_squares(model, users, data, batches, what="wanda")
+    scores = UnitScores(granularity=layout.granularity)
     for g in layout.groups:
-        device = g.module.weight.device
-        if g.heads is not None:
-            scores[g.param_name] = _head_scores(g.heads, g.param_name, norms).to(device)
-            continue
-        weight = g.module.weight.detach()
-        x = norms.norm((g.param_name, "in")).view(1, -1, *([1] * (weight.dim() - 2)))
-        per_weight = weight.abs().double() * x
         if layout.granularity == "weight":
-            scores[g.param_name] = per_weight.float()
+            scores[g.param_name] = dict(_weight_scores(g, squares))[g.param_name].float()
+        elif variant == "wanda-sp":
+            in_axis = {p: input_axis(model, users, p) for p in g.tensors() if p in squares}
+            consumers = unit_totals(g, _column_means(g, squares, in_axis),
+                                    keep=lambda s: s.axis == in_axis[s.param])
+            scores[g.param_name] = layer_normalised(consumers)
         else:
-            scores[g.param_name] = layer_normalised(
-                per_weight.reshape(per_weight.shape[0], -1).sum(1)).to(device)
+            scores[g.param_name] = layer_normalised(unit_totals(g, _weight_scores(g, squares)))
     return scores
 
 
-__all__ = ["wanda"]
+__all__ = ["VARIANTS", "wanda"]
