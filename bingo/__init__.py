@@ -24,8 +24,9 @@ _EXPORTS: dict[str, str] = {
                      "NoPrunableLayersError", "NonFiniteError", "UnreachableFloorError"),
                     "errors"),
     **dict.fromkeys(("ESTIMATORS", "Significance", "register_estimator"), "estimators"),
-    **dict.fromkeys(("PruneResult", "StructuredResult", "UnitScores", "prune", "shrink_mlp",
+    **dict.fromkeys(("PruneResult", "StructuredResult", "prune", "shrink_mlp",
                      "shrink_structured"), "pruning"),
+    "UnitScores": "scoring",
     **dict.fromkeys(("LeastSquaresReconstruction", "RefitResult", "refit"), "reconstruct"),
     **dict.fromkeys(("load_pruned", "save_pruned"), "save"),
     **dict.fromkeys(("SearchConfig", "TicketSearch"), "search"),
@@ -40,9 +41,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
                          InputMismatchError, InvalidOptionError, NoPrunableLayersError,
                          NonFiniteError, UnreachableFloorError)
     from .estimators import ESTIMATORS, Significance, register_estimator
-    from .pruning import (PruneResult, StructuredResult, UnitScores, prune, shrink_mlp,
-                          shrink_structured)
+    from .pruning import PruneResult, StructuredResult, prune, shrink_mlp, shrink_structured
     from .reconstruct import LeastSquaresReconstruction, RefitResult, refit
+    from .scoring import UnitScores
     from .save import load_pruned, save_pruned
     from .search import SearchConfig, TicketSearch
     from .units import find_units

@@ -50,6 +50,7 @@ from bingo.errors import (
 )
 from bingo.executor import ModelStructure
 from bingo.reconstruct import LeastSquaresReconstruction as Reconstruction
+from bingo.scoring import UnitScores
 from bingo.structure import HEADS_KEY, Structure, StructureGroup, discover, example_inputs_for
 from bingo.structure.shrink import _outputs as _forward
 from bingo.structure.shrink import shrink
@@ -179,19 +180,6 @@ class PruneResult:
 # --------------------------------------------------------------------------------------------
 # Scores -> layers
 # --------------------------------------------------------------------------------------------
-
-
-class UnitScores(dict):
-    """A score dict that says what it scores, for :func:`prune` to read (as it reads
-    :class:`bingo.Significance`): ``granularity`` (``"weight"``, ``"neuron"`` or
-    ``"structured"``, see the module docstring) and ``coverage`` (sample counts, or None)."""
-
-    def __init__(self, scores: Mapping[str, Tensor], granularity: str,
-                 coverage: Mapping[str, Tensor] | None = None):
-        require_option("granularity", granularity, GRANULARITIES)
-        super().__init__(scores)
-        self.granularity = granularity
-        self.coverage = coverage
 
 
 def _weight_unit_shape(weight: Tensor) -> tuple[int, ...]:

@@ -29,10 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from .errors import InputMismatchError, InvalidOptionError, NoPrunableLayersError, require_option
+from .scoring import GRANULARITIES
 from .structure import HEADS, HEADS_KEY, Slice, StructureGroup, discover
 from .structure.trace import canonical_names
 
-GRANULARITIES = ("weight", "neuron", "structured")
 # Granularity -> the granularity of the hashed subset masks: a structured unit, like a neuron,
 # is one unit however many slices it has.
 MASK_GRANULARITY: dict[str, str] = {"weight": "weight", "neuron": "neuron", "structured": "neuron"}

@@ -18,18 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from bingo.errors import InputMismatchError, InvalidOptionError
+from bingo.scoring import UnitScores  # noqa: F401  (the baselines' return type)
 from bingo.structure import Slice
 from bingo.units import UnitGroup, UnitLayout
-
-
-class UnitScores(dict):
-    """Score key -> float32 scores (higher = keep): a plain dict that also remembers the
-    granularity it was computed at (``.granularity``), which :func:`bingo.prune` can read
-    instead of inferring it from the shapes. ``dict(scores)`` drops the attribute."""
-
-    def __init__(self, scores: Mapping[str, Tensor] = (), granularity: Optional[str] = None):
-        super().__init__(scores)
-        self.granularity = granularity
 
 
 def unit_totals(group: UnitGroup,

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from bingo.errors import InvalidOptionError, require_option
 from bingo.pruning import PruneResult, prune
 from bingo.reconstruct import LeastSquaresReconstruction
+from bingo.scoring import UnitScores
 
 from .allocation import AllocationConfig, allocate
 from .checks import check_evidence
@@ -38,13 +39,10 @@ STRUCTURE_SEARCHES: tuple[str, ...] = ("elimination",)
 need a plain nn.Sequential."""
 
 
-class _Scores(dict):
-    """A score dict that also carries the search result (``.result``) and what the scores rank
-    (``.granularity``: ``"neuron"``, ``"weight"`` or ``"structured"``, the unit groups of
-    :func:`bingo.units.find_units`)."""
+class _Scores(UnitScores):
+    """:class:`bingo.scoring.UnitScores` that also carry the search result (``.result``)."""
 
     result = None
-    granularity: str | None = None
 
 
 def targeted_scores(model: nn.Module, granularity: str = "neuron", include=None, exclude=None,
@@ -92,9 +90,8 @@ def targeted_scores(model: nn.Module, granularity: str = "neuron", include=None,
         extra["example_inputs"] = example_inputs
     result = run_search(model, data, config, include=include, exclude=exclude,
                         progress=progress, **extra)
-    scores = _Scores(result.scores)
+    scores = _Scores(result.scores, getattr(result, "granularity", granularity))
     scores.result = result
-    scores.granularity = getattr(result, "granularity", granularity)
     return scores
 
 
