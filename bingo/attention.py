@@ -15,9 +15,12 @@ Two kinds of attention blocks are recognised (:data:`HEAD_RESOLVERS`):
   stored as its ``bingo_heads`` attribute: ``declare_heads(block, q="q_proj", k="k_proj",
   v="v_proj", o="o_proj", num_heads=4)``, or a class attribute ``bingo_heads = HeadSpec(...)``.
 
-Every consumer (the executor's batched reset, the vmap blend, pruning masks, magnitude and Wanda
-scores, shrinking) goes through the :class:`HeadSlice` list of a :class:`HeadLayout`: which rows or
-columns of which parameter belong to which head.
+Heads of nn.MultiheadAttention and of transformers' attention blocks are found by the structure
+layer's trace (:mod:`bingo.structure`); a :class:`HeadSpec` declaration overrides it, and
+:func:`head_layout` (the :class:`HeadSlice` list: which rows or columns of which parameter belong
+to which head) is how :func:`bingo.structure.discover` reads one. Every consumer (search,
+pruning, scores, refit, shrink) then works on the structure's unit groups. This module also
+holds the multi-head attention math they share and :class:`PrunedMultiheadAttention`.
 """
 
 from __future__ import annotations
@@ -95,10 +98,6 @@ class HeadSlice:
         """Head index of each row/column of the run (int64)."""
         return torch.arange(self.stop - self.start, device=device) // self.head_dim
 
-    def expand(self, head_values: Tensor) -> Tensor:
-        """``(..., H)`` per-head values -> ``(..., stop-start)`` per row/column of the run."""
-        return head_values.repeat_interleave(self.head_dim, dim=-1)
-
 
 @dataclass
 class HeadLayout:
@@ -118,21 +117,6 @@ class HeadLayout:
     """Every run of rows/columns that belongs to the heads."""
     projections: dict[str, str] = field(default_factory=dict)
     """Linear kind: role (``"q"``, ``"k"``, ``"v"``, ``"qkv"``, ``"o"``) -> child name."""
-    out_module: nn.Module = field(default=None, repr=False)
-    """The o-projection Linear (its weight gives the group's device and dtype)."""
-
-    def tensors(self) -> dict[str, Tensor]:
-        """Parameter name -> live tensor of every parameter with head rows/columns.
-
-        Looked up by attribute, so a tensor torch.nn.utils.prune re-parametrised is still found.
-        """
-        skip = len(_prefix(self.name))
-        out = {}
-        for s in self.slices:
-            parent, _, attr = s.param[skip:].rpartition(".")
-            owner = self.module.get_submodule(parent) if parent else self.module
-            out[s.param] = getattr(owner, attr)
-        return out
 
 
 def _prefix(name: str) -> str:
@@ -167,7 +151,7 @@ class _MhaHeads:
             slices += [HeadSlice(f"{p}in_proj_bias", 0, i * inner, (i + 1) * inner, dh, role)
                        for i, role in enumerate("qkv")]
         slices.append(HeadSlice(f"{p}out_proj.weight", 1, 0, inner, dh, "o"))
-        return HeadLayout(self.kind, name, module, heads, dh, slices, out_module=module.out_proj)
+        return HeadLayout(self.kind, name, module, heads, dh, slices)
 
 
 class _LinearHeads:
@@ -230,8 +214,7 @@ class _LinearHeads:
                 slices.append(HeadSlice(cp + "weight", 0, start, start + inner, dh, r))
                 if lin.bias is not None:
                     slices.append(HeadSlice(cp + "bias", 0, start, start + inner, dh, r))
-        return HeadLayout(self.kind, name, module, heads, dh, slices, projections=roles,
-                          out_module=linears["o"])
+        return HeadLayout(self.kind, name, module, heads, dh, slices, projections=roles)
 
 
 HEAD_RESOLVERS = {"mha": _MhaHeads(), "linear": _LinearHeads()}
@@ -244,38 +227,6 @@ def head_layout(name: str, module: nn.Module) -> Optional[HeadLayout]:
         if resolver.matches(module):
             return resolver.resolve(name, module)
     return None
-
-
-def param_head_masks(layout: HeadLayout, head_mask: Tensor) -> dict[str, Tensor]:
-    """Parameter name -> bool mask: True on the rows/columns of the heads ``head_mask`` selects.
-
-    ``head_mask`` is ``(H,)`` or ``(K, H)`` (K subsets); each mask has the parameter's shape, with
-    the same leading K. Entries outside every head run (none for the supported blocks) are False.
-    """
-    lead = tuple(head_mask.shape[:-1])
-    out = {}
-    for name, live in layout.tensors().items():
-        out[name] = torch.zeros(lead + tuple(live.shape), dtype=torch.bool, device=live.device)
-    for s in layout.slices:
-        rows = s.expand(head_mask.to(out[s.param].device))
-        target = out[s.param].narrow(len(lead) + s.axis, s.start, s.stop - s.start)
-        shape = [1] * (target.dim() - len(lead))
-        shape[s.axis] = s.stop - s.start
-        target.copy_(rows.view(*lead, *shape).expand_as(target))
-    return out
-
-
-def head_totals(layout: HeadLayout, values: dict[str, Tensor]) -> Tensor:
-    """float64 ``(H,)``: per head, the sum of ``values[param]`` (shaped like the parameter) over
-    the head's rows and columns; parameters missing from ``values`` are skipped."""
-    total = torch.zeros(layout.num_heads, dtype=torch.float64)
-    for s in layout.slices:
-        if s.param not in values:
-            continue
-        run = values[s.param].detach().narrow(s.axis, s.start, s.stop - s.start).double().cpu()
-        per_index = run.reshape(run.shape[0], -1).sum(1) if s.axis == 0 else run.sum(0)
-        total.index_add_(0, s.head_of(), per_index)
-    return total
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,95 +338,6 @@ class PrunedMultiheadAttention(nn.Module):
                            is_causal=is_causal)
 
 
-# --------------------------------------------------------------------------------------------
-# Shrinking: physically remove heads
-# --------------------------------------------------------------------------------------------
-
-
-def _kept_indices(s: HeadSlice, keep: Tensor) -> Tensor:
-    return s.start + torch.nonzero(s.expand(keep.cpu())).flatten()
-
-
-def _select(tensor: Tensor, layout: HeadLayout, param: str, keep: Tensor) -> Tensor:
-    """``tensor`` (the live ``param``) with the rows/columns of dropped heads removed."""
-    runs = [s for s in layout.slices if s.param == param]
-    axis = runs[0].axis
-    index = torch.cat([_kept_indices(s, keep) for s in runs]).to(tensor.device)
-    return tensor.detach().index_select(axis, index).clone()
-
-
-def _linear_from(weight: Tensor, bias: Optional[Tensor]) -> nn.Linear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                       device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    return linear
-
-
-def _shrink_mha(layout: HeadLayout, keep: Tensor) -> nn.Module:
-    module = layout.module
-    p = _prefix(layout.name)
-    params = {f"{p}in_proj_weight": module.in_proj_weight,
-              f"{p}in_proj_bias": module.in_proj_bias}
-    small = PrunedMultiheadAttention(
-        module.embed_dim, int(keep.sum()), layout.head_dim, bias=module.in_proj_bias is not None,
-        batch_first=module.batch_first, device=module.in_proj_weight.device,
-        dtype=module.in_proj_weight.dtype)
-    with torch.no_grad():
-        small.in_proj_weight.copy_(_select(params[f"{p}in_proj_weight"], layout,
-                                           f"{p}in_proj_weight", keep))
-        if small.in_proj_bias is not None:
-            small.in_proj_bias.copy_(_select(params[f"{p}in_proj_bias"], layout,
-                                             f"{p}in_proj_bias", keep))
-        small.out_proj.weight.copy_(_select(module.out_proj.weight, layout,
-                                            f"{p}out_proj.weight", keep))
-        if module.out_proj.bias is not None:
-            small.out_proj.bias.copy_(module.out_proj.bias.detach())
-    return small.train(module.training)
-
-
-def _shrink_linear(layout: HeadLayout, keep: Tensor) -> nn.Module:
-    module = layout.module  # already a copy: its children are replaced in place
-    p = _prefix(layout.name)
-    for role, child in layout.projections.items():
-        lin = module.get_submodule(child)
-        cp = f"{p}{child}."
-        weight = _select(lin.weight, layout, cp + "weight", keep)
-        bias = lin.bias
-        if bias is not None and role != "o":
-            bias = _select(bias, layout, cp + "bias", keep)
-        parent_name, _, attr = child.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, _linear_from(weight, None if bias is None else bias.detach())
-                .train(lin.training))
-    spec: HeadSpec = getattr(module, HEADS_ATTR)
-    kept = int(keep.sum())
-    if spec.num_heads_attr is not None:
-        setattr(module, spec.num_heads_attr, kept)
-    setattr(module, HEADS_ATTR, HeadSpec(**{**spec.__dict__, "num_heads": kept}))
-    return module
-
-
-HEAD_SHRINKERS = {"mha": _shrink_mha, "linear": _shrink_linear}
-"""Kind -> ``(layout, keep (H,) bool) -> module`` with the dropped heads physically removed."""
-
-
-def shrink_heads(layout: HeadLayout, keep: Tensor) -> nn.Module:
-    """The attention block of ``layout`` with only the heads where ``keep`` is True.
-
-    ``"mha"`` blocks become a :class:`PrunedMultiheadAttention`; ``"linear"`` blocks get smaller
-    Linears and an updated head count in place. Keeping every head still rebuilds the block.
-    """
-    if keep.numel() != layout.num_heads or not bool(keep.any()):
-        raise InputMismatchError(
-            f"head mask of {layout.name!r} must have {layout.num_heads} entries and keep at "
-            f"least one head; got {keep.numel()} entries keeping {int(keep.sum())}")
-    return HEAD_SHRINKERS[layout.kind](layout, keep.bool())
-
-
-__all__ = ["HEAD_RESOLVERS", "HEAD_SHRINKERS", "HEADS_ATTR", "HeadLayout", "HeadSlice",
-           "HeadSpec", "PrunedMultiheadAttention", "attention", "declare_heads", "head_layout",
-           "head_totals",
-           "mha_forward", "packed_in_projection", "param_head_masks", "shrink_heads"]
+__all__ = ["HEAD_RESOLVERS", "HEADS_ATTR", "HeadLayout", "HeadSlice", "HeadSpec",
+           "PrunedMultiheadAttention", "attention", "declare_heads", "head_layout",
+           "mha_forward", "packed_in_projection"]

@@ -227,9 +227,9 @@ def test_shrink_equals_mask(kind):
 def test_pruned_mha_matches_torch_mha():
     _seeded()
     mha = nn.MultiheadAttention(D, H, batch_first=True).double().eval()
-    from bingo.attention import head_layout, shrink_heads
-    layout = head_layout("", mha)
-    same = shrink_heads(layout, torch.ones(H, dtype=torch.bool))
+    from bingo.attention import PrunedMultiheadAttention
+    same = PrunedMultiheadAttention(D, H, D // H, batch_first=True, dtype=torch.float64).eval()
+    same.load_state_dict(mha.state_dict())
     q, kv = torch.randn(2, 5, D, dtype=torch.float64), torch.randn(2, 7, D, dtype=torch.float64)
     pad = torch.zeros(2, 7, dtype=torch.bool)
     pad[0, -2:] = True
