@@ -186,6 +186,10 @@ def test_targeted_prune_is_the_search_then_a_reconstructed_prune():
                          reconstruct=bingo.LeastSquaresReconstruction((x, y)))
     assert result.reconstructed == manual.reconstructed == ["3", "5"]
     assert all(torch.equal(result.unit_masks[k], manual.unit_masks[k]) for k in scores)
+    # With a sparsity the elimination stops there; what it removed is what the full one did.
+    removed = len(result.search.order)
+    assert removed == result.pruned_units < len(scores.result.order)
+    assert result.search.order == scores.result.order[:removed]
     with torch.no_grad():
         assert torch.allclose(result.model(x), manual.model(x))
         masked = targeted_prune(model, (x, y), sparsity=0.5, per_step=2, reconstruct=False)

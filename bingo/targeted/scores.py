@@ -129,7 +129,10 @@ def targeted_prune(model: nn.Module, data, granularity: str = "neuron", *,
     config (:class:`EliminationConfig` / :class:`AllocationConfig` /
     :class:`IterativeRefitConfig`). ``granularity="structured"`` (or ``"neuron"`` on a model
     that is not a plain nn.Sequential) ranks and prunes the model's unit groups;
-    ``example_inputs`` (default: one example of ``data``) is what their trace runs.
+    ``example_inputs`` (default: one example of ``data``) is what their trace runs. With
+    ``sparsity`` the elimination stops once it has removed that fraction of the units
+    (``max_fraction``, unless given): the units it would remove after that are never pruned, so
+    ranking them would only cost time.
 
     Returns the :class:`bingo.PruneResult` with three attributes added: ``scores`` (the
     search's scores), ``search`` (its result, e.g. :class:`EliminationResult`) and ``timings``
@@ -139,7 +142,11 @@ def targeted_prune(model: nn.Module, data, granularity: str = "neuron", *,
     started = time.perf_counter()
     # Bad data or calibration inputs the refit cannot take fail here, not after the search.
     check_evidence(model, *data_tensors(data))
-    refit = _TimedReconstruction(data) if reconstruct else None
+    refit = _TimedReconstruction(data, progress=progress) if reconstruct else None
+    resolved = search if search is not None else DEFAULT_SEARCH.get(granularity)
+    if sparsity is not None and resolved == "elimination" and "max_fraction" not in options \
+            and 0.0 < sparsity < EliminationConfig.max_fraction:
+        options["max_fraction"] = sparsity
     scores = targeted_scores(model, granularity, include, exclude, data=data, progress=progress,
                              search=search, example_inputs=example_inputs, **options)
     searched = time.perf_counter()
