@@ -51,6 +51,13 @@ class TrainedRun:
 Criterion = Callable[[TrainedRun, str], Scores]
 
 
+def _targeted(run, granularity: str, **options) -> Scores:
+    """The targeted search on the run's training data; its own progress bar stays off under
+    the harness's (``--no-progress`` silences both)."""
+    return baseline_scores("targeted", run.model, granularity, data=run.train_data,
+                           seed=run.seed, progress=False, **options)
+
+
 def _neuron_only(granularity: str) -> str:
     from bingo.errors import InvalidOptionError
 
@@ -76,34 +83,23 @@ CRITERIA: dict[str, Criterion] = {
     # The targeted search (bingo.targeted) as first measured: greedy elimination for neurons /
     # channels (the default), searched per-layer allocation for weights (named here: the weight
     # default is now the iterative refit, "targeted-iterative").
-    "targeted": lambda run, g: baseline_scores(
-        "targeted", run.model, g, data=run.train_data, seed=run.seed,
-        search={"neuron": "elimination", "weight": "allocation"}[g]),
+    "targeted": lambda run, g: _targeted(
+        run, g, search={"neuron": "elimination", "weight": "allocation"}[g]),
     # Its measured design choices (neuron granularity only): every unit re-measured every step
     # instead of the lazy short list, no joint check, and the accuracy as damage measure.
-    "targeted-exhaustive": lambda run, g: baseline_scores(
-        "targeted", run.model, _neuron_only(g), data=run.train_data, seed=run.seed, lazy=0),
-    "targeted-no-joint": lambda run, g: baseline_scores(
-        "targeted", run.model, _neuron_only(g), data=run.train_data, seed=run.seed,
-        joint_check=False),
-    "targeted-accuracy": lambda run, g: baseline_scores(
-        "targeted", run.model, _neuron_only(g), data=run.train_data, seed=run.seed,
-        metric="accuracy"),
+    "targeted-exhaustive": lambda run, g: _targeted(run, _neuron_only(g), lazy=0),
+    "targeted-no-joint": lambda run, g: _targeted(run, _neuron_only(g), joint_check=False),
+    "targeted-accuracy": lambda run, g: _targeted(run, _neuron_only(g), metric="accuracy"),
     # Damage per multiply-add saved instead of per unit: for nets whose layers differ in cost
     # per unit (LeNet-5's conv channels and fc neurons).
-    "targeted-macs": lambda run, g: baseline_scores(
-        "targeted", run.model, _neuron_only(g), data=run.train_data, seed=run.seed,
-        saving="macs"),
+    "targeted-macs": lambda run, g: _targeted(run, _neuron_only(g), saving="macs"),
     # Refit the working model by least squares every 8 steps of the elimination (measured with
     # the reconstructed prune, "targeted-refit+ls").
-    "targeted-refit": lambda run, g: baseline_scores(
-        "targeted", run.model, _neuron_only(g), data=run.train_data, seed=run.seed,
-        refit_every=8),
+    "targeted-refit": lambda run, g: _targeted(run, _neuron_only(g), refit_every=8),
     # IMP's schedule with a least-squares refit in place of each retraining (ranked by LAMP for
     # weights, by layer-normalised magnitude for neurons).
-    "targeted-iterative": lambda run, g: baseline_scores(
-        "targeted", run.model, g, data=run.train_data, seed=run.seed, search="iterative",
-        ranking="lamp" if g == "weight" else "magnitude"),
+    "targeted-iterative": lambda run, g: _targeted(
+        run, g, search="iterative", ranking="lamp" if g == "weight" else "magnitude"),
 }
 """Criterion name -> ``(run, granularity) -> scores``; the tables list them in this order."""
 
