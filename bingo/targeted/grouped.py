@@ -24,8 +24,9 @@ the candidates' rows, so there the evaluator repeats the inputs per candidate (a
 forward each). For such a group the evidence is then split into single examples, whose one row
 does broadcast: upstream of the group runs once per example, the metrics are the token-weighted
 mean over the examples, and the split is kept only if it reproduced the batch's metrics on the
-group's first chunk (MLP neurons of Llama / GPT-2 / BERT / ViT; attention heads stay full
-forwards: the attention block reads the batch size from its input). A model whose forward mixes
+group's first chunk and ran faster there (the candidates are MLP neurons of Llama / GPT-2 /
+BERT / ViT and residual-coupled channels; attention heads stay full forwards: the attention
+block reads the batch size from its input). A model whose forward mixes
 rows of the batch falls back to the evaluator's vmap path for the groups downstream of the
 mixing: still exact, slower. After each step the current model's loss comes from one plain
 forward (there is no cache of a generic model's intermediate values to update from the changed
@@ -34,6 +35,7 @@ layer on).
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Optional
 
@@ -190,7 +192,7 @@ class _GroupPasses:
     candidates', so everything upstream of the group runs once per example, and the metrics are
     the token-weighted mean over the examples. The split is used only when it gave the
     batch's own metrics on the first chunk (an exact identity for a model that treats examples
-    independently; anything else keeps the batch)."""
+    independently; anything else keeps the batch) and took less time than the batch there."""
 
     def __init__(self, owner: GroupEvaluator, group: UnitGroup):
         self.owner, self.group = owner, group
@@ -229,7 +231,9 @@ class _GroupPasses:
         try:
             with warnings.catch_warnings():  # a vmap fallback here is discarded, not used
                 warnings.simplefilter("ignore")
+                started = time.perf_counter()
                 split_loss, split_acc = self._by_example(design)
+                split_seconds = time.perf_counter() - started
         except Exception:  # noqa: BLE001  (the split is an optimisation: keep the batch)
             self.examples = None
             return
@@ -239,6 +243,14 @@ class _GroupPasses:
                  and bool(((split_acc - accuracy).abs() <= 1.5 / self.owner.targets.numel()
                            + 1e-6).all()))
         if not agree:
+            self.examples = None
+            return
+        # Both are exact; which is faster depends on how much of the model lies upstream of the
+        # group (a MobileNetV2 channel: one example at a time ran ~100x slower than the batch).
+        # The batch is timed again: its first call also probed its path.
+        started = time.perf_counter()
+        self.batch.subsets(inputs, self.owner.targets, design, None)
+        if time.perf_counter() - started <= split_seconds:
             self.examples = None
 
     def _by_example(self, design: ExplicitDesign) -> tuple[Tensor, Tensor]:
