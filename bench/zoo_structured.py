@@ -7,7 +7,7 @@ functions are imported from there, so the schedule is defined once); validation 
 images 5000-6000 of the same seeded order (the test validates on 4000-5000) and Shakespeare
 windows of another seed. Both methods prune the same number of units of the model's structure
 groups and are refitted by the same ``LeastSquaresReconstruction`` (its defaults, as
-``targeted_prune`` uses it). One targeted search per model, run up to the largest sparsity;
+``targeted_prune`` uses it); the search takes the test's evidence and units per step. One targeted search per model, run up to the largest sparsity;
 smaller sparsities take its first removals (what ``targeted_prune(sparsity=)`` computes).
 
 Run from the repository root (needs ../shared/data; about 25 minutes for all models on 2 CPU
@@ -73,7 +73,8 @@ def run(name: str, evidence: int) -> dict:
     searched = time.perf_counter()
     scores["targeted"] = targeted_scores(model, "structured", data=train, progress=False,
                                          example_inputs=example, evidence=evidence,
-                                         max_fraction=max(SPARSITIES))
+                                         max_fraction=max(SPARSITIES),
+                                         per_step=setup.PER_STEP.get(name, 4))
     search = scores["targeted"].result
     row = dict(model=name, dense=setup._evaluate(model, val),
                prior=setup._prior_loss(train, val), units=sum(search.scores[k].numel()
