@@ -121,8 +121,8 @@ def _removed_copy(model, layout, removed):
 def _group_evaluator(model, x, targets, name):
     work = copy.deepcopy(model).eval()
     layout = find_units(work, "structured", INCLUDE.get(name), example_inputs=x[:1])
-    return GroupEvaluator(work, layout, x, targets, memory_budget=2 ** 22, backend="torch"), \
-        layout
+    return GroupEvaluator(work, layout, x, targets, memory_budget=2 ** 22, backend="torch",
+                          split_examples=True), layout
 
 
 @pytest.mark.filterwarnings("ignore:bingo.*vmap fallback")

@@ -59,16 +59,20 @@ class GroupEvaluator:
         inputs, targets: the evidence batch.
         memory_budget: bytes one batched pass may use (the evaluator's chunking).
         backend: bingo_kernels backend (``"auto"``: Triton on CUDA, else torch).
+        split_examples: where a group's candidates repeat the inputs, evaluate them one example
+            at a time when that reproduces the batch and is faster (None), or whenever it
+            reproduces the batch (True: tests of that path).
     """
 
     def __init__(self, work: nn.Module, layout: UnitLayout, inputs: Tensor, targets: Tensor, *,
-                 memory_budget: int, backend: str = "auto"):
+                 memory_budget: int, backend: str = "auto", split_examples: bool | None = None):
         if layout.granularity == "weight":
             raise InputMismatchError("unit removal needs neuron or structured unit groups, not "
                                      "single weights")
         self.work, self.layout = work, layout
         self.inputs, self.targets = inputs, targets
         self.memory_budget, self.backend = int(memory_budget), backend
+        self.split_examples = split_examples
         self.groups: list[UnitGroup] = list(layout.groups)
         self.keys = [g.param_name for g in self.groups]
         self.units = [g.num_units for g in self.groups]
@@ -244,6 +248,8 @@ class _GroupPasses:
                            + 1e-6).all()))
         if not agree:
             self.examples = None
+            return
+        if self.owner.split_examples:
             return
         # Both are exact; which is faster depends on how much of the model lies upstream of the
         # group (a MobileNetV2 channel: one example at a time ran ~100x slower than the batch).
