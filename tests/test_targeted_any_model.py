@@ -122,7 +122,7 @@ def _group_evaluator(model, x, targets, name):
     work = copy.deepcopy(model).eval()
     layout = find_units(work, "structured", INCLUDE.get(name), example_inputs=x[:1])
     return GroupEvaluator(work, layout, x, targets, memory_budget=2 ** 22, backend="torch",
-                          split_examples=True), layout
+                          always_split=True), layout
 
 
 @pytest.mark.filterwarnings("ignore:bingo.*vmap fallback")

@@ -14,12 +14,14 @@ method's own scores) and are refitted by the same ``LeastSquaresReconstruction``
 Why half: chosen on other validation data (MNIST images 5000-6000 of the same order, other
 Shakespeare windows), before this test was run: there targeted + refit lost to magnitude + refit
 at 30% on LeNet-300-100, Llama and GPT-2, at 70% on LeNet-300-100 and ResNet, and was ahead or
-level at 50% on the eight models measured (BERT had not yet learned a task). bench/zoo_structured.py repeats that comparison with the final
-code (bench/results/zoo-structured-*; docs/structure.md). Here, on the test's own validation split, it loses at 50% on LeNet-300-100 (0.2601 vs 0.2590,
-dense 0.2510): that case is an expected failure, strict, so that a change in either direction
-shows. The search runs with ``evidence=EVIDENCE`` training examples (the default is 1024) and
-stops at the sparsity (``targeted_prune``'s ``max_fraction``), so that the zoo fits CI's time:
-about 12 minutes on 2 cores, MobileNetV2 5.5 of them, GPT-2 2.5.
+level at 50% on the eight models measured (BERT had not yet learned a task).
+bench/zoo_structured.py repeats that comparison with the final code
+(bench/results/zoo-structured-*; docs/structure.md). Here, on the test's own validation split,
+it loses at 50% on LeNet-300-100 (0.2601 vs 0.2590, dense 0.2510): that case is an expected
+failure, strict, so that a change in either direction shows. The search runs with
+``evidence=EVIDENCE`` training examples (the default is 1024) and stops at the sparsity
+(``targeted_prune``'s ``max_fraction``), so that the zoo fits CI's time: about 12 minutes on 2
+cores, MobileNetV2 5.5 of them, GPT-2 2.5.
 """
 
 from __future__ import annotations
@@ -161,19 +163,20 @@ def _language_setup(name):
     data = _shakespeare()
     torch.manual_seed(0)  # the initial weights, whatever ran before in this process
     model = language_model(name, len(data.chars))
-    block, steps, batch = 16, 150, 32
-    line_break = data.chars.index("\n")
-
-    def windows(stream, count, seed):
-        x, y = _windows(stream, count, block, seed)
-        # BERT, a sequence classifier: does the window hold a line break (any of its heads
-        # may have to find it)? Predicting the next character from the pooled first token did
-        # not train in this schedule.
-        return (x, (x == line_break).any(1).long()) if name == "bert" else (x, y)
-
-    x, y = windows(data.train, steps * batch, 1)
+    steps, batch = 150, 32
+    x, y = language_windows(name, data, data.train, steps * batch, 1)
     _train(model, [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)])
-    return model, windows(data.train, 512, 2), windows(data.test, 512, 3)
+    return model, language_windows(name, data, data.train, 512, 2), \
+        language_windows(name, data, data.test, 512, 3)
+
+
+def language_windows(name: str, data, stream, count: int, seed: int, block: int = 16):
+    """``count`` seeded windows of ``stream`` with the targets of model ``name``: the next
+    characters, or for BERT, a sequence classifier, whether the window holds a line break (any
+    of its heads may have to find it; predicting the next character from the pooled first token
+    did not train in this schedule)."""
+    x, y = _windows(stream, count, block, seed)
+    return (x, (x == data.chars.index("\n")).any(1).long()) if name == "bert" else (x, y)
 
 
 def _prior_loss(train, val):
@@ -194,6 +197,11 @@ def _evaluate(model, data):
 # Units removed per elimination step (default 4): MobileNetV2's 754 channels would take about
 # 100 steps to half, 16 a step takes 24.
 PER_STEP = {"mobilenet": 16}
+
+
+def search_options(name: str) -> dict:
+    """The targeted search's options for model ``name`` here (and in bench/zoo_structured.py)."""
+    return dict(evidence=EVIDENCE, **({"per_step": PER_STEP[name]} if name in PER_STEP else {}))
 
 
 # Where targeted + refit loses (see the module docstring): strict, so a win fails loudly too.
@@ -238,8 +246,7 @@ def test_targeted_with_refit_beats_magnitude_with_refit(name):
                             sparsity=SPARSITY, reconstruct=refit, progress=False,
                             example_inputs=example)
     targeted = targeted_prune(model, train, granularity, sparsity=SPARSITY, progress=False,
-                              example_inputs=example, evidence=EVIDENCE,
-                              per_step=PER_STEP.get(name, 4))
+                              example_inputs=example, **search_options(name))
     assert targeted.pruned_units == magnitude.pruned_units
     mag_loss, tgt_loss = _evaluate(magnitude.model, val), _evaluate(targeted.model, val)
     print(f"{name}: dense {dense:.4f}, magnitude+refit {mag_loss:.4f}, "

@@ -26,11 +26,10 @@ does broadcast: upstream of the group runs once per example, the metrics are the
 mean over the examples, and the split is kept only if it reproduced the batch's metrics on the
 group's first chunk and ran faster there (the candidates are MLP neurons of Llama / GPT-2 /
 BERT / ViT and residual-coupled channels; attention heads stay full forwards: the attention
-block reads the batch size from its input). A model whose forward mixes
-rows of the batch falls back to the evaluator's vmap path for the groups downstream of the
-mixing: still exact, slower. After each step the current model's loss comes from one plain
-forward (there is no cache of a generic model's intermediate values to update from the changed
-layer on).
+block reads the batch size from its input). A model whose forward mixes rows of the batch falls
+back to the evaluator's vmap path for the groups downstream of the mixing: still exact, slower.
+After each step the current model's loss comes from one plain forward (there is no cache of a
+generic model's intermediate values to update from the changed layer on).
 """
 
 from __future__ import annotations
@@ -59,20 +58,20 @@ class GroupEvaluator:
         inputs, targets: the evidence batch.
         memory_budget: bytes one batched pass may use (the evaluator's chunking).
         backend: bingo_kernels backend (``"auto"``: Triton on CUDA, else torch).
-        split_examples: where a group's candidates repeat the inputs, evaluate them one example
-            at a time when that reproduces the batch and is faster (None), or whenever it
-            reproduces the batch (True: tests of that path).
+        always_split: where a group's candidates repeat the inputs, they are evaluated one
+            example at a time when that reproduces the batch and is faster; True drops "and is
+            faster" (tests of that path).
     """
 
     def __init__(self, work: nn.Module, layout: UnitLayout, inputs: Tensor, targets: Tensor, *,
-                 memory_budget: int, backend: str = "auto", split_examples: bool | None = None):
+                 memory_budget: int, backend: str = "auto", always_split: bool = False):
         if layout.granularity == "weight":
             raise InputMismatchError("unit removal needs neuron or structured unit groups, not "
                                      "single weights")
         self.work, self.layout = work, layout
         self.inputs, self.targets = inputs, targets
         self.memory_budget, self.backend = int(memory_budget), backend
-        self.split_examples = split_examples
+        self.always_split = always_split
         self.groups: list[UnitGroup] = list(layout.groups)
         self.keys = [g.param_name for g in self.groups]
         self.units = [g.num_units for g in self.groups]
@@ -249,7 +248,7 @@ class _GroupPasses:
         if not agree:
             self.examples = None
             return
-        if self.owner.split_examples:
+        if self.owner.always_split:
             return
         # Both are exact; which is faster depends on how much of the model lies upstream of the
         # group (a MobileNetV2 channel: one example at a time ran ~100x slower than the batch).
