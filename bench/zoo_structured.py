@@ -14,7 +14,7 @@ first removals (what ``targeted_prune(sparsity=)`` computes).
 Run from the repository root (needs ../shared/data; all ten models took 13 minutes on this
 project's 2-core CPU machine, one torch thread)::
 
-    python bench/zoo_structured.py                      # every model, evidence 256
+    python bench/zoo_structured.py                      # every model, the test's evidence
     python bench/zoo_structured.py --models llama gpt2 --evidence 1024
 
 Writes ``zoo-structured-<date>.{json,md}`` into ``--out`` (default bench/results/): validation
@@ -41,7 +41,7 @@ import test_zoo_training as setup  # noqa: E402
 
 import bingo  # noqa: E402
 from bingo.baselines import baseline_scores  # noqa: E402
-from bingo.targeted import targeted_scores  # noqa: E402
+from bingo.targeted import EliminationConfig, targeted_scores  # noqa: E402
 
 SPARSITIES = (0.3, 0.5, 0.7)
 
@@ -59,11 +59,14 @@ def validation(name: str):
     return setup.language_windows(name, data, data.test, 512, 7)
 
 
-def run(name: str, evidence: int) -> dict:
+def run(name: str, evidence: int | None) -> dict:
     started = time.perf_counter()
     model, train, _ = (setup._vision_setup if name in setup.VISION else
                        setup._language_setup)(name)
     val = validation(name)
+    options = setup.search_options(name)
+    if evidence is not None:
+        options["evidence"] = evidence
     example = train[0][:4]
     refit = bingo.LeastSquaresReconstruction(train, progress=False)
     scores = {"magnitude": baseline_scores("magnitude", model, "structured",
@@ -71,13 +74,13 @@ def run(name: str, evidence: int) -> dict:
     searched = time.perf_counter()
     scores["targeted"] = targeted_scores(model, "structured", data=train, progress=False,
                                          example_inputs=example,
-                                         max_fraction=max(SPARSITIES),
-                                         **dict(setup.search_options(name), evidence=evidence))
+                                         max_fraction=max(SPARSITIES), **options)
     search = scores["targeted"].result
     row = dict(model=name, dense=setup._evaluate(model, val),
                prior=setup._prior_loss(train, val), units=sum(search.scores[k].numel()
                                                               for k in search.scores),
-               search_seconds=time.perf_counter() - searched, stopped=search.stopped, loss={})
+               search_seconds=time.perf_counter() - searched, stopped=search.stopped,
+               evidence=options.get("evidence", EliminationConfig.evidence), loss={})
     for method, ranking in scores.items():
         for sparsity in SPARSITIES:
             pruned = bingo.prune(model, ranking, sparsity=sparsity, reconstruct=refit,
@@ -92,16 +95,17 @@ def markdown(rows: list[dict], meta: dict) -> str:
                                           for m in ("magnitude", "targeted")]
     lines = [f"Validation loss after pruning + refit (lower is better; **bold**: the better of "
              f"the two at that sparsity). {meta['machine']}, torch {meta['torch']}, "
-             f"{meta['date']}, evidence {meta['evidence']}.", "",
-             "| " + " | ".join(head + ["search s", "stopped"]) + " |",
-             "|" + "---|" * (len(head) + 2)]
+             f"{meta['date']}; evidence: the training examples the search measured damages on.",
+             "",
+             "| " + " | ".join(head + ["evidence", "search s", "stopped"]) + " |",
+             "|" + "---|" * (len(head) + 3)]
     for r in rows:
         cells = [r["model"], str(r["units"]), f"{r['dense']:.4f}"]
         for s in SPARSITIES:
             mag, tgt = r["loss"][f"magnitude@{s}"], r["loss"][f"targeted@{s}"]
             best = min(mag, tgt)
             cells += [f"**{v:.4f}**" if v == best else f"{v:.4f}" for v in (mag, tgt)]
-        cells += [f"{r['search_seconds']:.0f}", r["stopped"] or ""]
+        cells += [str(r["evidence"]), f"{r['search_seconds']:.0f}", r["stopped"] or ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -110,13 +114,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=setup.VISION + setup.LANGUAGE,
                         choices=setup.VISION + setup.LANGUAGE)
-    parser.add_argument("--evidence", type=int, default=setup.EVIDENCE,
-                        help="training examples the targeted search measures damages on")
+    parser.add_argument("--evidence", type=int, default=None,
+                        help="training examples the targeted search measures damages on "
+                             "(default: the test's, per model)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the small ops here are slower with two threads on 2 shared cores
     meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
-                machine=f"{platform.machine()} CPU, 1 torch thread", evidence=args.evidence)
+                machine=f"{platform.machine()} CPU, 1 torch thread")
     rows = []
     for name in tqdm(args.models, desc="zoo models", unit="model"):
         rows.append(run(name, args.evidence))

@@ -16,12 +16,14 @@ Shakespeare windows), before this test was run: there targeted + refit lost to m
 at 30% on LeNet-300-100, Llama and GPT-2, at 70% on LeNet-300-100 and ResNet, and was ahead or
 level at 50% on the eight models measured (BERT had not yet learned a task).
 bench/zoo_structured.py repeats that comparison with the final code
-(bench/results/zoo-structured-*; docs/structure.md). Here, on the test's own validation split,
-it loses at 50% on LeNet-300-100 (0.2601 vs 0.2590, dense 0.2510): that case is an expected
-failure, strict, so that a change in either direction shows. The search runs with
-``evidence=EVIDENCE`` training examples (the default is 1024) and stops at the sparsity
-(``targeted_prune``'s ``max_fraction``), so that the zoo fits CI's time: about 12 minutes on 2
-cores, MobileNetV2 5.5 of them, GPT-2 2.5.
+(bench/results/zoo-structured-*; docs/structure.md). The search takes ``evidence=EVIDENCE``
+(256) training examples, so that the zoo fits CI's time, but on LeNet-300-100 the default
+(1024), which costs it seconds there (``FULL_EVIDENCE``). With 256, LeNet-300-100 was ahead at
+50% on the bench's validation images (0.2763 vs magnitude's 0.2773) and behind on this test's
+(0.2601 vs 0.2590); with 1024, on the bench's images it ends at 0.2743 (the bench's
+``--evidence 1024`` run, bench/results/zoo-structured-lenet-evidence1024-2026-12-04.md). The
+search stops at the sparsity (``targeted_prune``'s ``max_fraction``). The zoo takes about 13
+minutes on 2 cores, MobileNetV2 5.5 of them, GPT-2 2.5.
 """
 
 from __future__ import annotations
@@ -197,16 +199,15 @@ def _evaluate(model, data):
 # Units removed per elimination step (default 4): MobileNetV2's 754 channels would take about
 # 100 steps to half, 16 a step takes 24.
 PER_STEP = {"mobilenet": 16}
+# The default evidence (1024) where the search stays cheap: LeNet-300-100 (23 s on the bench,
+# 5 s with 256); LeNet-5's took 226 s (20 s) for the same losses.
+FULL_EVIDENCE = {"lenet300"}
 
 
 def search_options(name: str) -> dict:
     """The targeted search's options for model ``name`` here (and in bench/zoo_structured.py)."""
-    return dict(evidence=EVIDENCE, **({"per_step": PER_STEP[name]} if name in PER_STEP else {}))
-
-
-# Where targeted + refit loses (see the module docstring): strict, so a win fails loudly too.
-LOSES = {"lenet300": "targeted + refit loses to magnitude + refit on LeNet-300-100 after this "
-                     "short training (validation loss 0.2601 vs 0.2590 at 50%)"}
+    options = {} if name in FULL_EVIDENCE else {"evidence": EVIDENCE}
+    return dict(options, **({"per_step": PER_STEP[name]} if name in PER_STEP else {}))
 
 
 @pytest.fixture(autouse=True)
@@ -219,17 +220,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-class TargetedLoses(AssertionError):
-    """Targeted + refit ended with a higher validation loss than magnitude + refit."""
-
-
-def _marks(name: str) -> list:
-    if name in LOSES:
-        return [pytest.mark.xfail(strict=True, raises=TargetedLoses, reason=LOSES[name])]
-    return []
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in VISION + LANGUAGE])
+@pytest.mark.parametrize("name", VISION + LANGUAGE)
 def test_targeted_with_refit_beats_magnitude_with_refit(name):
     import bingo
     from bingo.baselines import baseline_scores
@@ -251,6 +242,5 @@ def test_targeted_with_refit_beats_magnitude_with_refit(name):
     mag_loss, tgt_loss = _evaluate(magnitude.model, val), _evaluate(targeted.model, val)
     print(f"{name}: dense {dense:.4f}, magnitude+refit {mag_loss:.4f}, "
           f"targeted+refit {tgt_loss:.4f} at {targeted.sparsity:.0%} of the units")
-    if not tgt_loss <= mag_loss * 1.001:
-        raise TargetedLoses(f"{name}: dense {dense:.4f}, magnitude+refit {mag_loss:.4f}, "
-                            f"targeted+refit {tgt_loss:.4f}")
+    assert tgt_loss <= mag_loss * 1.001, (f"{name}: dense {dense:.4f}, magnitude+refit "
+                                          f"{mag_loss:.4f}, targeted+refit {tgt_loss:.4f}")
