@@ -27,12 +27,12 @@ from bingo.errors import InvalidOptionError
 from bingo.structure import discover
 from bingo.units import find_units
 
-STRUCTURED = ["lamp", "lamp_taylor", "magnitude", "magnitude_increase", "random", "taylor",
-              "wanda"]
+STRUCTURED = ["flap", "lamp", "lamp_taylor", "magnitude", "magnitude_increase", "random",
+              "taylor", "wanda"]
 """Baselines that score structured units on any traced model (shapley too, tested apart: it
-runs a ticket search per grid point)."""
+runs a ticket search per grid point; bonsai in tests/test_bonsai.py: it evaluates sub-models)."""
 RANKERS = [("magnitude", {}), ("lamp", {}), ("wanda", {}), ("wanda", {"variant": "wanda-sp"}),
-           ("taylor", {})]
+           ("taylor", {}), ("flap", {"standardize": False})]
 """(baseline, options) pairs a dead unit must rank last for (lamp_taylor ranks a group's units
 as taylor does: LAMP keeps the order within a group)."""
 
@@ -68,7 +68,7 @@ def _calibration(model, inputs, seed: int, batches: int = 2, rows: int = 2):
 
 
 def _options(name, model, inputs, data):
-    if name in ("taylor", "lamp_taylor", "wanda"):
+    if name in ("taylor", "lamp_taylor", "wanda", "flap"):
         return {"data": data}
     if name == "magnitude_increase":
         initial = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v.clone()
@@ -126,7 +126,7 @@ def test_a_dead_unit_ranks_last(name):
     dead_model, dead = _with_dead_units(model, inputs, generator)
     data = _calibration(dead_model, inputs, seed, batches=2, rows=4)
     for method, extra in RANKERS:
-        options = {"data": data} if method in ("wanda", "taylor") else \
+        options = {"data": data} if method in ("wanda", "taylor", "flap") else \
             {"example_inputs": inputs}
         scores = baseline_scores(method, dead_model, "structured", **options, **extra)
         for key, unit in dead.items():

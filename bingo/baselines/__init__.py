@@ -51,6 +51,15 @@ name (module)                   estimates                                 cost  
 ``lamp_taylor`` (lamp_taylor)   LAMP's rescaling of the Taylor            as ``taylor``       w n s
                                 saliency; needs ``accumulator=`` or
                                 ``data=``
+``flap`` (flap)                  FLAP (An et al. 2024): input-variance     one forward per     s
+                                times squared consumer column norm,       calibration batch
+                                standardised per group (adaptive global
+                                structure); ``FlapCompensation`` is its
+                                bias compensation; needs ``data=``
+``bonsai`` (bonsai)             Bonsai (Dery et al. 2024): L1 regression  ``submodels *       s
+                                of sub-model perplexity on which units    rounds`` forwards
+                                they keep, over random masks, pruned in   (or batched)
+                                rounds; needs ``data=`` (inputs, targets)
 ``targeted``                    greedy elimination order (neurons,        ~removed/4          see
 (bingo.targeted)                channels) or searched per-layer           batched             bingo.
                                 allocation (weights), or                  downstream          tar-
@@ -82,11 +91,13 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
-from torch import Tensor, nn
+from torch import nn
 
 from bingo.errors import InvalidOptionError, require_option
 
 from ._common import UnitScores
+from .bonsai import bonsai
+from .flap import FlapCompensation, flap
 from .imp import IMPResult, IMPRound, imp, imp_scores
 from .lamp import lamp
 from .lamp_taylor import lamp_taylor
@@ -111,6 +122,8 @@ BASELINES: dict[str, Callable[..., Scores]] = {
     "imp": imp_scores,
     "wanda": wanda,
     "lamp_taylor": lamp_taylor,
+    "flap": flap,
+    "bonsai": bonsai,
     "targeted": targeted_scores,
 }
 """Name -> scoring function (see the module docstring for the common signature)."""
@@ -132,6 +145,6 @@ def baseline_scores(name: str, model: nn.Module, granularity: str = "weight", **
     return function(model, granularity=granularity, **options)
 
 
-__all__ = ["BASELINES", "IMPResult", "IMPRound", "Scores", "TaylorAccumulator", "UnitScores",
-           "baseline_scores", "imp", "imp_scores", "lamp", "magnitude", "magnitude_increase",
+__all__ = ["BASELINES", "FlapCompensation", "IMPResult", "IMPRound", "Scores", "TaylorAccumulator", "UnitScores",
+           "baseline_scores", "bonsai", "flap", "imp", "imp_scores", "lamp", "magnitude", "magnitude_increase",
            "random_scores", "shapley", "taylor", "wanda"]

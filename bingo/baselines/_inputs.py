@@ -12,7 +12,9 @@ baseline rediscovers the model's layers.
 :func:`input_squares` runs the model on calibration batches with the hooks on and returns, per
 weight, the summed squared input norms in a shape that broadcasts against the weight
 (``(1, in)`` for nn.Linear, ``(in, 1)`` for Conv1D, ``(out, in/groups, 1, 1)`` for a grouped
-conv, ...). Cost: one forward per batch, no backward; memory one float64 vector per input.
+conv, ...); :func:`input_moments` the per-channel means and sample variances (FLAP), laid out
+the same way, from the same recording (row counts, sums and sums of squares per channel).
+Cost: one forward per batch, no backward; memory three float64 vectors per input.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ class InputRule:
     squares: Callable[[nn.Module, str, Mapping[str, Tensor]], Tensor]
     """``squares(module, attr, recorded)``: the squared input norms of the weight at attribute
     path ``attr`` of ``module`` (``"weight"``, ``"out_proj.weight"``), broadcastable to it, from
-    the role -> squared norms that ``record`` collected."""
+    the role -> squared norms that ``record`` collected (any other per-channel statistic, a
+    sum or a row count, is laid out the same way)."""
     in_axis: Callable[[str], int]
     """The axis of weight ``attr`` that reads the input channels (a consumer's columns)."""
     functional: tuple[str, ...] = ()
@@ -170,31 +173,37 @@ def weight_users(model: nn.Module, layout: UnitLayout, params: Iterable[str],
     return users
 
 
-class _Squares:
-    """Running sums of squared input channels, keyed by (module name, role)."""
+class _Moments:
+    """Running row counts, sums and sums of squares of input channels, keyed by (module name,
+    role)."""
 
     def __init__(self):
-        self.sums: dict[tuple[str, str], Tensor] = {}
+        self.sums: dict[tuple[str, str], tuple[int, Tensor, Tensor]] = {}
 
     def adder(self, module_name: str) -> Add:
         def add(role: str, x: Tensor, channel_dim: int) -> None:
             x = x.detach().movedim(channel_dim, -1)
-            sq = x.reshape(-1, x.shape[-1]).double().pow(2).sum(0)
+            x = x.reshape(-1, x.shape[-1]).double()
             key = (module_name, role)
-            self.sums[key] = self.sums.get(key, 0) + sq
+            rows, total, squares = self.sums.get(key, (0, 0, 0))
+            self.sums[key] = (rows + x.shape[0], total + x.sum(0), squares + x.pow(2).sum(0))
         return add
 
-    def of(self, module_name: str) -> dict[str, Tensor]:
-        return {role: s for (name, role), s in self.sums.items() if name == module_name}
+    def of(self, module_name: str) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        """Role -> (row count per channel, sums, sums of squares) of one module's inputs."""
+        return {role: (torch.full_like(total, rows), total, squares)
+                for (name, role), (rows, total, squares) in self.sums.items()
+                if name == module_name}
 
 
-def input_squares(model: nn.Module, users: Mapping[str, list[tuple[str, str]]], data: Iterable,
-                  batches: Optional[int] = None, what: str = "input norms"
-                  ) -> dict[str, Tensor]:
-    """Weight name -> float64 summed squared norms of the input channels it reads, broadcastable
-    to the weight, over up to ``batches`` batches of ``data`` (run in eval mode without
-    gradients; the model's mode and forwards are restored). A module that no batch reached, or
-    one without an :class:`InputRule`, raises naming it."""
+Statistic = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""``statistic(rows, sums, sums of squares)`` -> per-channel values (float64, elementwise)."""
+
+
+def _record(model: nn.Module, users: Mapping[str, list[tuple[str, str]]], data: Iterable,
+            batches: Optional[int], what: str) -> tuple[dict[str, InputRule], _Moments]:
+    """Every user module's rule, and the moments of its inputs over up to ``batches`` batches of
+    ``data`` (see :func:`input_squares` for the errors)."""
     modules = {name for pairs in users.values() for name, _ in pairs}
     rules = {}
     for name in sorted(modules):
@@ -206,14 +215,14 @@ def input_squares(model: nn.Module, users: Mapping[str, list[tuple[str, str]]], 
                 f"{what}: module {name or '<model>'!r} ({type(module).__name__}) multiplies "
                 f"{held} with its input, and bingo has no input rule for it (supported: "
                 f"{', '.join(INPUT_RULES)})")
-    squares = _Squares()
+    moments = _Moments()
     undo = []
     was_training = model.training
     seen = 0
     try:
         for name in sorted(modules):
             module = model.get_submodule(name) if name else model
-            undo.append(rules[name].record(module, squares.adder(name)))
+            undo.append(rules[name].record(module, moments.adder(name)))
         model.eval()
         with torch.no_grad():
             for i, batch in enumerate(data):
@@ -227,20 +236,64 @@ def input_squares(model: nn.Module, users: Mapping[str, list[tuple[str, str]]], 
         model.train(was_training)
     if not seen:
         raise InputMismatchError(f"{what}: data yielded no batch")
+    return rules, moments
+
+
+def _per_weight(model: nn.Module, users: Mapping[str, list[tuple[str, str]]],
+                rules: Mapping[str, InputRule], moments: _Moments, statistic: Statistic,
+                what: str) -> dict[str, Tensor]:
+    """Weight name -> ``statistic`` of the input channels it reads, broadcastable to the weight.
+    The moments are laid out per weight first and summed over its users (a weight several
+    modules multiply), so that the statistic is of all the rows it read."""
     out = {}
     for param, pairs in users.items():
         total = None
         for name, attr in pairs:
-            recorded = squares.of(name)
+            recorded = moments.of(name)
             if not recorded:
                 raise InputMismatchError(
                     f"{what}: no input reached {name or '<model>'!r} (which uses {param!r}) "
                     "during calibration; is it used in the forward?")
             module = model.get_submodule(name) if name else model
-            value = rules[name].squares(module, attr, recorded)
-            total = value if total is None else total + value
-        out[param] = total
+            laid = [rules[name].squares(module, attr, {role: m[k] for role, m in recorded.items()})
+                    for k in range(3)]
+            total = laid if total is None else [a + b for a, b in zip(total, laid)]
+        out[param] = statistic(*total)
     return out
+
+
+def input_squares(model: nn.Module, users: Mapping[str, list[tuple[str, str]]], data: Iterable,
+                  batches: Optional[int] = None, what: str = "input norms"
+                  ) -> dict[str, Tensor]:
+    """Weight name -> float64 summed squared norms of the input channels it reads, broadcastable
+    to the weight, over up to ``batches`` batches of ``data`` (run in eval mode without
+    gradients; the model's mode and forwards are restored). A module that no batch reached, or
+    one without an :class:`InputRule`, raises naming it."""
+    rules, moments = _record(model, users, data, batches, what)
+    return _per_weight(model, users, rules, moments, lambda rows, total, squares: squares, what)
+
+
+def input_moments(model: nn.Module, users: Mapping[str, list[tuple[str, str]]], data: Iterable,
+                  batches: Optional[int] = None, what: str = "input moments"
+                  ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(means, variances)``: weight name -> float64 mean and sample variance (``N - 1``) over
+    every row of the input channels it reads, broadcastable to the weight, from one recording
+    as :func:`input_squares` makes it (same errors; fewer than two rows raise too). The
+    variance is ``(sum x^2 - (sum x)^2 / N) / (N - 1)`` in float64, clamped at 0: its relative
+    rounding error is about ``1e-16 (mean / std)^2``, negligible unless a channel's mean
+    exceeds its standard deviation a million times."""
+    rules, moments = _record(model, users, data, batches, what)
+    short = sorted(name for (name, _), (rows, _, _) in moments.sums.items() if rows < 2)
+    if short:
+        raise InputMismatchError(f"{what}: a variance needs at least 2 input rows; "
+                                 f"{short[0]!r} read fewer in the calibration data")
+    means = _per_weight(model, users, rules, moments,
+                        lambda rows, total, squares: total / rows, what)
+    variances = _per_weight(
+        model, users, rules, moments,
+        lambda rows, total, squares: ((squares - total * total / rows) / (rows - 1)).clamp_min(0),
+        what)
+    return means, variances
 
 
 def input_axis(model: nn.Module, users: Mapping[str, list[tuple[str, str]]], param: str
