@@ -57,8 +57,8 @@ from bingo.structure.shrink import shrink
 from bingo.structure.trace import canonical_names
 from bingo.units import GRANULARITIES, layer_kind, linear_names, mlp_problem
 
-__all__ = ["PruneResult", "StructuredResult", "UnitScores", "plain_copy", "prune", "shrink_mlp",
-           "shrink_structured", "torch_prune_masks"]
+__all__ = ["PruneResult", "StructuredResult", "UnitScores", "plain_copy", "prune", "pruning_order",
+           "shrink_mlp", "shrink_structured", "torch_prune_masks"]
 
 EvalFn = Callable[[nn.Module], float]
 
@@ -1168,6 +1168,22 @@ def _floor_count(
         writer.restore()
         bar.close()
     return count, evaluate
+
+
+def pruning_order(model: nn.Module, scores: Mapping[str, Tensor], *,
+                  granularity: str | None = None, example_inputs: Any = None,
+                  min_keep: float = 0.0) -> list[tuple[str, Any]]:
+    """``(score key, unit)`` in the order :func:`prune` removes units for these ``scores``
+    (lowest score first, ties by key order; every layer keeps ``min_keep`` of its units and at
+    least one, which are left out): pruning to ``count`` units removes the first ``count``. A
+    unit is a flat index into its score tensor; a structured key is its group's key. Arguments
+    as for :func:`prune`."""
+    layers, _, _ = _scored_layers(model, scores, granularity, example_inputs)
+    ranking = _rank(layers, min_keep)
+    starts = torch.tensor([0] + ranking.sizes).cumsum(0)
+    layer_of = torch.searchsorted(starts, ranking.order, right=True) - 1
+    return [(layers[i].key, int(flat - starts[i]))
+            for i, flat in zip(layer_of.tolist(), ranking.order.tolist())]
 
 
 def prune(
