@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bingo.errors import InputMismatchError, InvalidOptionError
+from bingo.executor import model_logits
 
 SPLIT_FRACTIONS: tuple[float, float, float, float] = (0.85, 0.05, 0.05, 0.05)
 """Train, calibration, validation and test shares of the stream, contiguous, in that order."""
@@ -76,11 +77,6 @@ def random_windows(stream: Tensor, block: int, count: int, generator: torch.Gene
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def logits_of(model: nn.Module, inputs: Tensor) -> Tensor:
-    out = model(inputs)
-    return out if isinstance(out, Tensor) else out.logits
-
-
 @torch.no_grad()
 def perplexity(model: nn.Module, data: tuple[Tensor, Tensor], batch: int = 64) -> float:
     """``exp`` of the mean next-token cross-entropy of ``model`` on ``data`` (eval mode, restored
@@ -93,7 +89,7 @@ def perplexity(model: nn.Module, data: tuple[Tensor, Tensor], batch: int = 64) -
     try:
         for i in range(0, inputs.shape[0], batch):
             x, y = inputs[i:i + batch].to(device), targets[i:i + batch].to(device)
-            logits = logits_of(model, x)
+            logits = model_logits(model(x))
             total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                            y.reshape(-1), reduction="sum"))
     finally:
