@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import zoo
-from bingo.errors import InputMismatchError, NonFiniteError
+from bingo.errors import InputMismatchError, InvalidOptionError, NonFiniteError
 from bingo.structure import discover
 from bingo.structure.shrink import apply_masks, shrink
 from bingo.targeted import (EliminationConfig, allocate, eliminate, iterative_refit,
@@ -254,6 +254,51 @@ def test_lazy_short_list_evaluates_only_the_short_list_between_full_passes():
                      progress=False)
     assert len(lazy.order) == 8
     assert lazy.variants <= sum(sizes) + 7 * 3
+
+
+def test_prior_limits_the_measured_units_and_ranks_the_rest_by_it():
+    """With a prior, a full pass measures only the prior_pool x (units still to remove) units it
+    ranks lowest; units never measured rank above every measured one, in the prior's order."""
+    model, x, targets = _build("llama", 5, torch.float32)
+    layout = find_units(model, "structured", example_inputs=x[:1])
+    sizes = {g.param_name: g.num_units for g in layout.groups}
+    total = sum(sizes.values())
+    generator = torch.Generator().manual_seed(11)
+    prior = {k: torch.rand(n, generator=generator) for k, n in sizes.items()}
+    config = EliminationConfig(stop_drop=1.0, per_step=2, lazy=0, max_fraction=4 / total,
+                               prior_pool=1.5)
+    result = eliminate(model, (x, targets), config, progress=False, prior=prior)
+    flat = torch.cat([prior[k] for k in sizes])
+    pool = torch.argsort(flat)[:6]  # 1.5 x 4 units still to remove at the first pass
+    owners = [(k, u) for k, n in sizes.items() for u in range(n)]
+    pooled = {owners[i] for i in pool.tolist()}
+    assert set(result.order) <= pooled
+    assert result.variants <= 6 + 3   # first pass: the pool of 6; second: 1.5 x 2 left
+    assert result.unmeasured == total - len(pooled)
+    unmeasured = [(k, u) for k, u in owners if (k, u) not in pooled]
+    scores = result.scores
+    lowest_unmeasured = min(float(scores[k][u]) for k, u in unmeasured)
+    assert all(float(scores[k][u]) < lowest_unmeasured for k, u in pooled)
+    by_prior = sorted(unmeasured, key=lambda ku: float(prior[ku[0]][ku[1]]))
+    ranks = [float(scores[k][u]) for k, u in by_prior]
+    assert ranks == sorted(ranks)
+    # Without a prior the same search measures every unit in its first pass.
+    plain = eliminate(model, (x, targets), config, progress=False)
+    assert plain.variants > result.variants and plain.unmeasured == 0
+
+
+def test_prior_must_cover_the_scored_groups():
+    model, x, targets = _build("llama", 6, torch.float32)
+    layout = find_units(model, "structured", example_inputs=x[:1])
+    prior = {g.param_name: torch.rand(g.num_units) for g in layout.groups}
+    first = layout.groups[0].param_name
+    with pytest.raises(InputMismatchError, match="missing"):
+        eliminate(model, (x, targets), progress=False,
+                  prior={k: v for k, v in prior.items() if k != first})
+    with pytest.raises(InputMismatchError, match="units"):
+        eliminate(model, (x, targets), progress=False, prior={**prior, first: prior[first][:1]})
+    with pytest.raises(InvalidOptionError, match="elimination"):
+        targeted_scores(model, "weight", data=(x, targets), prior=prior, progress=False)
 
 
 def test_joint_check_backs_off_on_unit_groups():

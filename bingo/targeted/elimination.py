@@ -187,6 +187,12 @@ class EliminationConfig:
     """bingo_kernels backend (``"auto"``: Triton on CUDA tensors, else torch)."""
     seed: int = 0
     """Seed of the evidence subset."""
+    prior_pool: float = 1.5
+    """With a prior ranking (``eliminate(prior=...)``, e.g. the significance a
+    :class:`bingo.TicketSearch` gathered during training): a full pass measures only the
+    remaining units the prior ranks lowest, this many times as many as are still to be removed;
+    units never measured keep the prior's order, above every measured unit. Smaller is cheaper
+    and trusts the prior more."""
 
     def validate(self) -> None:
         """Raise InvalidOptionError naming the first bad value."""
@@ -207,6 +213,8 @@ class EliminationConfig:
                 raise InvalidOptionError(f"{name} must be an integer >= 0, got {value!r}")
         if self.joint_tolerance < 0 or self.joint_floor <= 0:
             raise InvalidOptionError("joint_tolerance must be >= 0 and joint_floor > 0")
+        if not self.prior_pool >= 1.0:
+            raise InvalidOptionError(f"prior_pool must be >= 1, got {self.prior_pool}")
 
 
 @dataclass
@@ -238,6 +246,8 @@ class EliminationResult:
     ``"structured"`` (the model's unit groups, :func:`bingo.units.find_units`)."""
     evaluator: str = ""
     """The evaluator the variants ran through (``"rank"``, ``"masked"`` or ``"batched"``)."""
+    unmeasured: int = 0
+    """Units a prior ranking kept out of every pass (their scores are the prior's order)."""
 
 
 def data_tensors(data) -> tuple[Tensor, Tensor]:
@@ -381,7 +391,8 @@ def _check_finite(values: Tensor, what: str) -> None:
 @torch.no_grad()
 def eliminate(model: nn.Module, data, config: Optional[EliminationConfig] = None, *,
               include=None, exclude=None, progress: bool = True, granularity: str = "neuron",
-              example_inputs: Any = None) -> EliminationResult:
+              example_inputs: Any = None, prior: Optional[dict[str, Tensor]] = None
+              ) -> EliminationResult:
     """Greedy backward elimination of ``model``'s neurons / channels / heads on training
     evidence.
 
@@ -401,6 +412,9 @@ def eliminate(model: nn.Module, data, config: Optional[EliminationConfig] = None
             groups) or ``"structured"`` (the unit groups, whatever the model).
         example_inputs: what the structure trace runs (unit groups only); default: one example
             of the evidence.
+        prior: score key -> (units,) scores, higher = keep, of every scored group (e.g.
+            ``TicketSearch.significance()`` at the same granularity): the elimination measures
+            only the units it ranks lowest (``config.prior_pool``) and ranks the others by it.
 
     Returns:
         :class:`EliminationResult`; ``.scores`` goes to :func:`bingo.prune` like any baseline.
@@ -433,6 +447,8 @@ def eliminate(model: nn.Module, data, config: Optional[EliminationConfig] = None
     last = {k: torch.zeros(n, dtype=torch.float64) for k, n in units.items()}
     total = sum(units.values())
     limit = min(math.floor(config.max_fraction * total), total - len(keys))
+    prior_rank = None if prior is None else _prior_rank(prior, units)
+    measured = {k: torch.full((n,), prior is None) for k, n in units.items()}
     result = EliminationResult(scores={}, order=[], refreshes=1, granularity=granularity,
                                evaluator=evaluator)
     refit = None
@@ -452,8 +468,11 @@ def eliminate(model: nn.Module, data, config: Optional[EliminationConfig] = None
                 removals.refresh()
                 result.refreshes += 1
                 result.refits += 1
-            shortlist = _shortlist(alive, last, saving, config.lazy) if (
+            shortlist = _shortlist(alive, measured, last, saving, config.lazy) if (
                 config.lazy and step % config.full_every) else None
+            if shortlist is None and prior_rank is not None:
+                shortlist = _prior_pool(alive, prior_rank, math.ceil(
+                    config.prior_pool * (limit - len(result.order))))
             step += 1
             for i, key in enumerate(keys):
                 candidates = alive[key].nonzero().flatten()
@@ -469,6 +488,7 @@ def eliminate(model: nn.Module, data, config: Optional[EliminationConfig] = None
                 damage = damage_of(loss.cpu(), acc.cpu(), removals)
                 _check_finite(damage, f"the damage of removing units of {key!r}")
                 last[key][candidates] = damage
+                measured[key][candidates] = True
                 damages.append(damage)
                 savings.append(saving[key][candidates])
                 owners.append(torch.stack([torch.full_like(candidates, i), candidates], 1))
@@ -505,7 +525,8 @@ def eliminate(model: nn.Module, data, config: Optional[EliminationConfig] = None
                 break
         else:
             result.stopped = f"removed the maximum of {limit} units"
-    result.scores = _scores(result.order, alive, last, saving, units)
+    result.scores = _scores(result.order, alive, last, saving, units, measured, prior_rank)
+    result.unmeasured = sum(int((~m).sum()) for m in measured.values())
     result.seconds = time.perf_counter() - started
     return result
 
@@ -529,12 +550,41 @@ class _Before:
         self.loss, self.accuracy = loss, accuracy
 
 
-def _shortlist(alive: dict, last: dict, saving: dict, count: int) -> dict[str, Tensor]:
-    """Per group, a bool mask of the ``count`` remaining units of lowest priority (last damage
-    per saving)."""
+def _prior_rank(prior: dict[str, Tensor], units: dict[str, int]) -> dict[str, Tensor]:
+    """Score key -> each unit's position in the prior's global order, lowest score first."""
+    if set(prior) != set(units):
+        raise InputMismatchError(
+            f"prior: its keys must be the scored groups; missing {sorted(set(units) - set(prior))}"
+            f", unknown {sorted(set(prior) - set(units))}")
+    for key, n in units.items():
+        if tuple(prior[key].shape) != (n,):
+            raise InputMismatchError(f"prior[{key!r}]: shape {tuple(prior[key].shape)}, the group "
+                                     f"has {n} units")
+    keys = list(units)
+    flat = torch.cat([prior[k].detach().double().cpu().flatten() for k in keys])
+    _check_finite(flat, "the prior scores")
+    rank = torch.empty(flat.numel(), dtype=torch.long)
+    rank[torch.argsort(flat, stable=True)] = torch.arange(flat.numel())
+    return dict(zip(keys, torch.split(rank, [units[k] for k in keys])))
+
+
+def _prior_pool(alive: dict, prior_rank: dict, count: int) -> dict[str, Tensor]:
+    """Per group, a bool mask of the ``count`` remaining units the prior ranks lowest."""
     keys = list(alive)
-    damage = torch.cat([torch.where(alive[k], _priority(last[k], saving[k]), torch.inf)
-                        for k in keys])
+    rank = torch.cat([torch.where(alive[k], prior_rank[k].double(), torch.inf) for k in keys])
+    chosen = torch.zeros(rank.numel(), dtype=torch.bool)
+    chosen[torch.argsort(rank, stable=True)[:count]] = True
+    chosen &= torch.isfinite(rank)
+    return dict(zip(keys, torch.split(chosen, [alive[k].numel() for k in keys])))
+
+
+def _shortlist(alive: dict, measured: dict, last: dict, saving: dict, count: int
+               ) -> dict[str, Tensor]:
+    """Per group, a bool mask of the ``count`` remaining measured units of lowest priority (last
+    damage per saving)."""
+    keys = list(alive)
+    damage = torch.cat([torch.where(alive[k] & measured[k], _priority(last[k], saving[k]),
+                                    torch.inf) for k in keys])
     chosen = torch.zeros(damage.numel(), dtype=torch.bool)
     chosen[torch.argsort(damage, stable=True)[:count]] = True
     chosen &= torch.isfinite(damage)
@@ -558,17 +608,20 @@ def _pick(damage: Tensor, priority: Tensor, owner: Tensor, alive: dict, keys: li
     return picked
 
 
-def _scores(order: list[tuple[str, int]], alive: dict, last: dict, saving: dict, units: dict
-            ) -> dict[str, Tensor]:
+def _scores(order: list[tuple[str, int]], alive: dict, last: dict, saving: dict, units: dict,
+            measured: dict, prior_rank: Optional[dict]) -> dict[str, Tensor]:
     """Elimination position as the score (higher = removed later = keep); units never removed
-    rank above all removed ones, among themselves by their last measured priority."""
+    rank above all removed ones, among themselves by their last measured priority, and units
+    never measured (a prior kept them out) above those, in the prior's order."""
     scores = {k: torch.zeros(n, dtype=torch.float32) for k, n in units.items()}
     for position, (key, unit) in enumerate(order):
         scores[key][unit] = float(position)
     keys = list(units)
     priority = {k: _priority(last[k], saving[k]) for k in keys}
-    survivors = [(float(priority[k][u]), keys.index(k), u) for k in keys
-                 for u in alive[k].nonzero().flatten().tolist()]
-    for rank, (_, ki, unit) in enumerate(sorted(survivors)):
+    survivors = [(not bool(measured[k][u]),
+                  int(prior_rank[k][u]) if prior_rank is not None and not measured[k][u]
+                  else float(priority[k][u]), keys.index(k), u)
+                 for k in keys for u in alive[k].nonzero().flatten().tolist()]
+    for rank, (_, _, ki, unit) in enumerate(sorted(survivors)):
         scores[keys[ki]][unit] = float(len(order) + rank)
     return scores

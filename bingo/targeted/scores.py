@@ -47,7 +47,7 @@ class _Scores(UnitScores):
 
 def targeted_scores(model: nn.Module, granularity: str = "neuron", include=None, exclude=None,
                     data=None, progress: bool = True, search: str | None = None,
-                    example_inputs: Any = None, **options) -> dict[str, Tensor]:
+                    example_inputs: Any = None, prior=None, **options) -> dict[str, Tensor]:
     """Scores (higher = keep) of a targeted search for ``granularity``.
 
     ``data`` is the training data ((inputs, targets) tensors or a TensorDataset; inputs may be
@@ -59,7 +59,9 @@ def targeted_scores(model: nn.Module, granularity: str = "neuron", include=None,
     groups (attention heads, MLP neurons, channels; ``example_inputs`` is what their trace runs,
     one example of ``data`` by default). The weight searches (allocation, iterative) need a
     plain nn.Sequential. The whole search result is attached as ``.result``, what the scores
-    rank as ``.granularity``.
+    rank as ``.granularity``. ``prior`` (elimination only: scores of every unit group, e.g. a
+    training-time :class:`bingo.TicketSearch`'s significance) limits which units the elimination
+    measures (:attr:`EliminationConfig.prior_pool`).
 
     Before any long work the data is checked with one forward of one example: NaN / Inf in the
     model or the inputs, a dtype the model does not take, a wrong feature count or targets that
@@ -88,6 +90,10 @@ def targeted_scores(model: nn.Module, granularity: str = "neuron", include=None,
         if len(SEARCH_GRANULARITIES[search]) > 1 else {}
     if search in STRUCTURE_SEARCHES:
         extra["example_inputs"] = example_inputs
+    if prior is not None:
+        if search != "elimination":
+            raise InvalidOptionError(f"prior= is taken by the elimination search, not {search!r}")
+        extra["prior"] = prior
     result = run_search(model, data, config, include=include, exclude=exclude,
                         progress=progress, **extra)
     scores = _Scores(result.scores, getattr(result, "granularity", granularity))
