@@ -2,8 +2,10 @@
 random sub-models of a trained causal LM checkpoint, side by side in one run
 (:func:`bingo.baselines.bonsai.compare_evaluation`).
 
-    python bench/llm_compare.py --seed 0           # trains and saves llm-compare-work/model-seed0
-    python bench/llm_batched_vs_sequential.py --model-dir llm-compare-work/model-seed0
+    bingo llm bench --out llm-bench            # trains and saves llm-bench/checkpoints/seed0 ...
+    python bench/llm_batched_vs_sequential.py --model-dir llm-bench/checkpoints/seed0
+
+(``bingo llm bench`` runs the same comparison on every seed's model, on 4 calibration windows.)
 
 Writes ``llm-batched-vs-sequential-<date>.json`` into ``--out``: sub-models per second of each
 mode, their ratio, and the largest difference between the two modes' losses.

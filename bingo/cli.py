@@ -73,6 +73,18 @@ COMMANDS: dict[str, Command] = {
                     "The trained model and each finished method are saved at once: rerun the "
                     "same command to resume.",
         resumable=True),
+    "llm": Command(
+        help="prune a local transformers causal LM's heads and MLP neurons (prune), or "
+             "compare with other structured pruners (bench)",
+        module="bingo.llm.command",
+        description="Structured pruning of a local transformers causal language model. "
+                    "'bingo llm prune' removes a fraction of its transformer blocks' parameters "
+                    "as whole attention heads / key-value groups and MLP neurons (bingo's "
+                    "targeted elimination and least-squares refit on a calibration text), "
+                    "saves the physically smaller model with its tokenizer and prints the "
+                    "held-out perplexity before and after; 'bingo llm bench' compares bingo "
+                    "with the other structured LLM pruners. 'bingo llm SUBCOMMAND --help' "
+                    "lists each one's flags."),
 }
 
 

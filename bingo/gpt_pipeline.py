@@ -21,6 +21,7 @@ from bingo.attention import attention, declare_heads
 from bingo.baselines import baseline_scores
 from bingo.errors import InvalidOptionError, require_option
 from bingo.gpt import GptConfig, markdown, plot
+from bingo.llm.text import random_windows
 from bingo.pruning import prune
 from bingo.rundir import RunDirectory, note
 from bingo.search import TicketSearch
@@ -133,19 +134,10 @@ class CharData:
         return cls(chars, ids[:a], ids[a:b], ids[b:])
 
 
-def random_batch(stream: Tensor, batch: int, block: int, generator: torch.Generator
-                 ) -> tuple[Tensor, Tensor]:
-    """``batch`` random windows of ``block`` tokens and their next-token targets."""
-    starts = torch.randint(0, len(stream) - block - 1, (batch,), generator=generator)
-    x = torch.stack([stream[s:s + block] for s in starts])
-    y = torch.stack([stream[s + 1:s + block + 1] for s in starts])
-    return x, y
-
-
 def fixed_batches(stream: Tensor, count: int, batch: int, block: int, seed: int) -> list:
     """``count`` reproducible batches of ``stream`` (evaluation and calibration sets)."""
     g = torch.Generator().manual_seed(seed)
-    return [random_batch(stream, batch, block, g) for _ in range(count)]
+    return [random_windows(stream, block, batch, g) for _ in range(count)]
 
 
 @torch.no_grad()
@@ -180,7 +172,7 @@ def _train(model: nn.Module, data: CharData, cfg: GptConfig, search: TicketSearc
     model.train()
     for _ in tqdm(range(cfg.steps), desc="train + ticket search", unit="step",
                   disable=not cfg.progress):
-        x, y = random_batch(data.train, cfg.batch, cfg.block, g)
+        x, y = random_windows(data.train, cfg.block, cfg.batch, g)
         start = time.perf_counter()
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         optimizer.zero_grad()

@@ -45,6 +45,8 @@ METHOD_STYLES: dict[str, dict] = {
     "lamp": dict(color="tab:olive", linestyle=LINESTYLES[6], marker="^"),
     "random": dict(color="tab:gray", linestyle=LINESTYLES[7], marker="x"),
     "wanda": dict(color="tab:red", linestyle="-.", marker="d"),
+    # bingo llm bench's name for the targeted search + refit: the look of "targeted+ls".
+    "targeted + refit": dict(color="tab:red", linestyle="-.", marker="X"),
 }
 """The fixed looks of the headline methods (pairwise distinct in colour and line style)."""
 
@@ -170,6 +172,20 @@ def accuracy_panels(path: Union[str, os.PathLike], panels: Sequence[Optional[Cur
     """Mean test accuracy vs sparsity with a ±1 std band per method, one panel per
     :class:`CurvePanel` (at most :data:`MAX_CURVES` methods each), ``columns`` panels a row,
     left to right; a None leaves its cell empty."""
+    return _panels(path, panels, title=title, columns=columns, ylabel="test accuracy",
+                   log=False, legend="lower left")
+
+
+def metric_panels(path: Union[str, os.PathLike], panels: Sequence[Optional[CurvePanel]], *,
+                  title: str, ylabel: str, columns: int = 2) -> str:
+    """:func:`accuracy_panels` for an unbounded lower-is-better metric (perplexity): a log y
+    axis with plain labels, scaled to each panel's curves (its ``ylim`` ignored)."""
+    return _panels(path, panels, title=title, columns=columns, ylabel=ylabel, log=True,
+                   legend="upper left")
+
+
+def _panels(path, panels, *, title: str, columns: int, ylabel: str, log: bool,
+            legend: str) -> str:
     columns = max(1, min(columns, len(panels)))
     rows = math.ceil(len(panels) / columns)
     figure = _figure((6.4 * columns, 4.8 * rows))
@@ -195,12 +211,16 @@ def accuracy_panels(path: Union[str, os.PathLike], panels: Sequence[Optional[Cur
             ax.axhline(panel.dense, color="0.6", linewidth=1.0, linestyle=":", label="dense")
         ax.set_title(panel.title)
         ax.set_xlabel(panel.xlabel)
-        ax.set_ylabel("test accuracy")
-        ax.set_xlim(0.0, 1.0)
-        ax.set_ylim(*panel.ylim)
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+            plain_log_axis(ax.yaxis)
+        else:
+            ax.set_xlim(0.0, 1.0)
+            ax.set_ylim(*panel.ylim)
         ax.grid(True, alpha=0.3)
         if panel.legend:
-            ax.legend(loc="lower left", fontsize=8)
+            ax.legend(loc=legend, fontsize=8)
     _suptitle(figure, title, 6.4 * columns)
     return _save(figure, path)
 

@@ -10,7 +10,8 @@ import torch
 from bingo.data import DataError, load_tinyshakespeare
 from bingo.errors import InvalidOptionError
 from bingo import cli, data as bingo_data, gpt, gpt_pipeline
-from bingo.gpt_pipeline import GPT, CharData, fixed_batches, perplexity, random_batch
+from bingo.gpt_pipeline import GPT, CharData, fixed_batches, perplexity
+from bingo.llm.text import random_windows
 from bingo.pruning import prune
 from bingo.search import TicketSearch
 
@@ -27,7 +28,7 @@ def test_tiny_gpt_end_to_end(attention):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
     for _ in range(6):
-        x, y = random_batch(data.train, 4, 16, g)
+        x, y = random_windows(data.train, 16, 4, g)
         loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
         opt.zero_grad()
         loss.backward()

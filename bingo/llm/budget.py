@@ -9,6 +9,7 @@ units a method removes.
 * :func:`unit_parameters`: how many of those elements each unit of each structure group owns
   (every slice of the unit: a head's q/k/v rows and o columns, a neuron's gate/up rows and its
   down column);
+* :func:`removal_fractions`: the fraction removed after each unit of a method's removal order;
 * :func:`count_for_fraction`: walking a method's removal order (:func:`bingo.pruning.pruning_order`,
   the order :func:`bingo.prune` removes units in), the number of units whose removal comes
   closest to a fraction of the block parameters, and the fraction it removes.
@@ -74,13 +75,12 @@ def unit_parameters(model: nn.Module, structure: Structure, names: set[str] | No
     return out
 
 
-def count_for_fraction(model: nn.Module, scores: Mapping[str, Tensor], fraction: float, *,
-                       example_inputs: Any = None) -> tuple[int, float, int]:
-    """``(units, removed fraction, total units)``: removing the first ``units`` of the scores'
-    removal order takes the fraction of the block parameters closest to ``fraction``; prune
-    them with ``bingo.prune(model, scores, sparsity=units / total units)``."""
-    if not 0.0 < fraction < 1.0:
-        raise InvalidOptionError(f"fraction must lie in (0, 1), got {fraction!r}")
+def removal_fractions(model: nn.Module, scores: Mapping[str, Tensor], *,
+                      example_inputs: Any = None) -> tuple[Tensor, int]:
+    """``(removed, total units)``: ``removed[c]`` (float64, one entry per count ``c`` = 0 ..
+    the removable units) is the fraction of the block parameters that removing the first ``c``
+    units of the scores' removal order takes; prune them with ``bingo.prune(model, scores,
+    sparsity=c / total units)``."""
     structure = discover(model, example_inputs)
     names = block_parameter_names(model)
     total = sum(p.numel() for n, p in model.named_parameters() if n in names)
@@ -88,5 +88,16 @@ def count_for_fraction(model: nn.Module, scores: Mapping[str, Tensor], fraction:
     order = pruning_order(model, scores, granularity="structured", example_inputs=example_inputs)
     units = sum(int(t.numel()) for t in scores.values())
     removed = torch.tensor([0] + [int(owned[key][unit]) for key, unit in order]).cumsum(0)
-    count = int(torch.argmin((removed.double() / total - fraction).abs()))
-    return count, float(removed[count]) / total, units
+    return removed.double() / total, units
+
+
+def count_for_fraction(model: nn.Module, scores: Mapping[str, Tensor], fraction: float, *,
+                       example_inputs: Any = None) -> tuple[int, float, int]:
+    """``(units, removed fraction, total units)``: removing the first ``units`` of the scores'
+    removal order takes the fraction of the block parameters closest to ``fraction``; prune
+    them with ``bingo.prune(model, scores, sparsity=units / total units)``."""
+    if not 0.0 < fraction < 1.0:
+        raise InvalidOptionError(f"fraction must lie in (0, 1), got {fraction!r}")
+    removed, units = removal_fractions(model, scores, example_inputs=example_inputs)
+    count = int(torch.argmin((removed - fraction).abs()))
+    return count, float(removed[count]), units
