@@ -440,8 +440,11 @@ def test_conv1d_neuron_scores_are_per_output_column():
     handle.remove()
     criterion = (kept["h"] * kept["h"].grad).reshape(-1, 128).sum(0).abs().detach()
     taylor = baseline_scores("taylor", model, "neuron", data=data)[key]
+    # The criterion is |sum over tokens| of terms of both signs: float32 cancellation leaves an
+    # absolute error of about 1e-6 of the mean score on columns whose sum nearly cancels (CI saw
+    # 1.4e-6 at a score of 1.2e-3), whichever of the two computes it.
     torch.testing.assert_close(taylor, (criterion / criterion.mean()).float(), rtol=1e-4,
-                               atol=1e-6)
+                               atol=1e-5)
 
 
 # -- the rest: shapley, errors, the score dict ----------------------------------------------------
