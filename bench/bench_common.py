@@ -11,6 +11,7 @@ CSV schema (long format, one row per shape x provider x metric; see ``bench/READ
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import datetime as _dt
@@ -117,12 +118,10 @@ def start_run(args) -> tuple[torch.device, dict, dict]:
     return device, env, run_header(env)
 
 
-def run_parser(doc: str, presets, kernel: str) -> "argparse.ArgumentParser":
+def run_parser(doc: str, presets, kernel: str) -> argparse.ArgumentParser:
     """The options every benchmark script takes (``--preset``, ``--device``, ``--name``,
     ``--out-dir``, ``--append``, ``--threads``), described by the script's docstring ``doc``
     (its first paragraph; the rest as the epilog); scripts add their own options."""
-    import argparse  # noqa: PLC0415
-
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=doc.split("\n\n", 1)[1])

@@ -150,12 +150,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exc:  # --help, --version and usage errors: argparse already printed
         return exc.code if isinstance(exc.code, int) else USAGE_ERROR
     command = importlib.import_module(COMMANDS[args.command].module)
+    # A command with subcommands names its parser's dest "subcommand": errors name both words.
+    name = " ".join(filter(None, (args.command, getattr(args, "subcommand", None))))
     try:
         return command.main(args)
     except KeyboardInterrupt:
         kept = ("; what finished is saved in --out: rerun the same command to resume"
                 if COMMANDS[args.command].resumable else "")
-        print(f"{PROG} {args.command}: interrupted{kept}", file=sys.stderr)
+        print(f"{PROG} {name}: interrupted{kept}", file=sys.stderr)
         return INTERRUPTED
     except Exception as exc:
         from bingo.errors import BingoError  # imports torch; the command has done so already
@@ -163,5 +165,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not isinstance(exc, BingoError):
             raise
         message = in_flag_words(str(exc), args.flags)
-        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        print(f"{PROG} {name}: error: {message}", file=sys.stderr)
         return USAGE_ERROR

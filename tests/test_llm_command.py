@@ -258,7 +258,7 @@ def no_loading(monkeypatch, no_long_work):
 def _refused(argv: list[str], *needles: str) -> str:
     code, stdout, stderr = _main(["llm", "prune", "--no-progress", *argv])
     assert code == 2, stderr
-    assert stderr.startswith("bingo llm: error: ") and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("bingo llm prune: error: ") and stderr.count("\n") == 1, stderr
     assert "Traceback" not in stderr and stdout == ""
     for needle in needles:
         assert needle in stderr, (needle, stderr)
@@ -435,4 +435,4 @@ def test_bench_forwards_to_the_compare_module(monkeypatch):
 
     monkeypatch.setattr(compare, "main", main)
     assert cli.main(["llm", "bench"]) == 7
-    assert seen and seen[0].llm_command == "bench"
+    assert seen and seen[0].subcommand == "bench"

@@ -37,7 +37,7 @@ PRUNE_DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``prune`` and ``bench`` subcommands and their flags."""
-    sub = parser.add_subparsers(dest="llm_command", metavar="SUBCOMMAND", required=True)
+    sub = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
     prune = sub.add_parser(
         "prune", help="prune a checkpoint's heads and MLP neurons, save the smaller model",
         description=PRUNE_DESCRIPTION)
@@ -112,11 +112,11 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``bingo llm <subcommand>`` with parsed flags; returns the exit status."""
-    if args.llm_command == "prune":
+    if args.subcommand == "prune":
         return run_prune(args)
-    if args.llm_command == "bench":
+    if args.subcommand == "bench":
         return run_bench(args)
-    print(f"bingo llm: unknown subcommand {args.llm_command!r}", file=sys.stderr)
+    print(f"bingo llm: unknown subcommand {args.subcommand!r}", file=sys.stderr)
     return cli.USAGE_ERROR
 
 

@@ -32,7 +32,7 @@ from bingo.baselines.bonsai import compare_evaluation, sample_submodels
 from bingo.llm.budget import removal_fractions
 from bingo.llm.checkpoint import char_tokenizer, encode, load_causal_lm, transformers_module
 from bingo.llm.compare import LlmBenchConfig
-from bingo.llm.recipe import targeted_llm_scores
+from bingo.llm.recipe import EVIDENCE_WINDOWS, targeted_llm_scores
 from bingo.llm.text import TextSplits, perplexity, random_windows, windows
 from bingo.rundir import RunDirectory, write_json
 from bingo.search import TicketSearch
@@ -172,7 +172,7 @@ def _score_methods(seed_data: _Seed, config: LlmBenchConfig, training: dict, see
     def searched(value):
         return value.result.variants + value.result.refreshes
 
-    evidence_tokens = min(config.calibration_windows, 32) * config.block
+    evidence_tokens = min(config.calibration_windows, EVIDENCE_WINDOWS) * config.block
     run("targeted", lambda: targeted_llm_scores(
         model, calibration, fraction=fraction, example_inputs=seed_data.example,
         progress=config.progress, seed=seed), searched,
