@@ -353,11 +353,14 @@ def test_out_under_a_file_is_refused(files, tmp_path, no_loading):
 
 
 UNSUPPORTED = {
-    # bingo's trace of Bloom's forward fails (alibi: Tensor.expand without its size)
-    "bloom": (lambda vocab: transformers.BloomConfig(vocab_size=vocab, hidden_size=16, n_layer=2,
-                                                     n_head=2),
-              "architecture BloomForCausalLM is not supported by bingo's structure layer: "
-              "tracing"),
+    # Phi-3's attention slices its fused q/k/v output by the config's head count, which one
+    # config cannot give per layer: the trial shrink fails before the search starts
+    "phi3": (lambda vocab: transformers.Phi3Config(vocab_size=vocab, hidden_size=16,
+                                                   num_hidden_layers=2, num_attention_heads=2,
+                                                   num_key_value_heads=2, intermediate_size=32,
+                                                   pad_token_id=0),
+             "architecture Phi3ForCausalLM is not supported by bingo's structure layer: it "
+             "cannot shrink the model"),
     # Mamba-2 has no attention heads, and its mixer's units are not ones bingo can remove
     "mamba2": (lambda vocab: transformers.Mamba2Config(vocab_size=vocab, hidden_size=16,
                                                        num_hidden_layers=2, num_heads=2,
@@ -385,6 +388,18 @@ def test_unsupported_architecture_is_refused(name, files, tmp_path, no_long_work
     _refused(["--model-dir", str(directory), "--calibration", str(calibration), "--sparsity",
               "0.3", "--block", "32", "--out", str(tmp_path / "out")], needle)
     assert not (tmp_path / "out").exists()
+
+
+def test_heads_bingo_cannot_remove_are_named_and_neurons_still_pruned():
+    """Bloom's ALiBi slopes depend on the head count, so its heads are not removable units; the
+    check says so (and why) and lets the MLP neurons be pruned."""
+    transformers.logging.set_verbosity_error()
+    model = transformers.AutoModelForCausalLM.from_config(transformers.BloomConfig(
+        vocab_size=40, hidden_size=16, n_layer=2, n_head=2)).eval()
+    with pytest.warns(UserWarning, match="BloomForCausalLM: no attention head is removable, "
+                                         "only MLP neurons will be pruned.*fixed width"):
+        structure = pipeline.check_architecture(model, torch.randint(0, 40, (1, 8)))
+    assert {g.kind for g in structure.groups} == {"neurons"}
 
 
 def test_python_api_checks_too(files, tmp_path, no_loading):

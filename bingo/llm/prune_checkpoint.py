@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -154,24 +155,42 @@ def split_tokens(ids: Tensor, block: int, path: PathLike) -> tuple[Tensor, Tenso
 
 def check_architecture(model: nn.Module, example: Tensor) -> Any:
     """The model's :class:`bingo.structure.Structure`, traced on ``example``; raises
-    InputMismatchError naming the architecture when bingo's structure layer cannot handle it
-    (the trace fails, it finds no removable head or neuron, or no stack of blocks)."""
+    InputMismatchError naming the architecture when bingo's structure layer cannot handle it:
+    the trace fails, it finds no removable head or neuron or no stack of blocks, or the model
+    cannot be shrunk (tried at once on a copy, one unit fewer in the first group of several
+    units only, so that layers keep different widths as a real pruning makes them). Warns when no attention head
+    is removable (only MLP neurons will be pruned) and says why."""
+    import torch
+
     from bingo.llm.budget import block_parameter_names
-    from bingo.structure import discover
+    from bingo.structure import HEADS, discover
+    from bingo.structure.shrink import shrink
 
     name = type(model).__name__
+    unsupported = f"architecture {name} is not supported by bingo's structure layer"
     try:
         structure = discover(model, example)
         block_parameter_names(model)
     except BingoError as exc:
-        raise InputMismatchError(f"architecture {name} is not supported by bingo's structure "
-                                 f"layer: {' '.join(str(exc).split())}") from exc
+        raise InputMismatchError(f"{unsupported}: {' '.join(str(exc).split())}") from exc
     if not structure.groups:
         blocked = ", ".join(sorted(set(structure.unsupported.values()))[:3])
         raise InputMismatchError(
-            f"architecture {name} is not supported by bingo's structure layer: it finds no "
-            f"removable attention head or MLP neuron"
+            f"{unsupported}: it finds no removable attention head or MLP neuron"
             + (f" (ops it cannot trace in {blocked})" if blocked else ""))
+    first = next((g for g in structure.groups if g.num_units > 1), None)
+    if first is not None:
+        trial = {first.key: torch.arange(first.num_units) > 0}
+        try:
+            shrink(model, trial, example_inputs=example, structure=structure)
+        except BingoError as exc:
+            raise InputMismatchError(f"{unsupported}: it cannot shrink the model "
+                                     f"({' '.join(str(exc).split())[:300]})") from exc
+    if not any(g.kind == HEADS for g in structure.groups):
+        reasons = sorted({f"{param}: {why}" for param, why in structure.blocked.items()
+                          if "attn" in param or "attention" in param})
+        warnings.warn(f"{name}: no attention head is removable, only MLP neurons will be pruned"
+                      + (f" ({reasons[0]})" if reasons else ""), stacklevel=2)
     return structure
 
 

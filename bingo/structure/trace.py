@@ -215,12 +215,12 @@ def _lift(fn: Callable) -> Callable:
 
 @_lift
 def _broadcast(labels: Tensor, shape) -> Tensor:
-    return labels.expand(*shape) if tuple(labels.shape) != tuple(shape) else labels
+    return labels.expand(tuple(shape)) if tuple(labels.shape) != tuple(shape) else labels
 
 
 @_lift
 def _none_like(t: Tensor) -> Tensor:
-    return torch.full((), NONE, dtype=torch.long).expand(*t.shape)
+    return torch.full((), NONE, dtype=torch.long).expand(t.shape)
 
 
 class _Labels:
