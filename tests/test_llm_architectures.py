@@ -8,8 +8,9 @@ masked model's outputs, at the traced length and at another; the batched search 
 equals the one-at-a-time oracle. A family whose shrink cannot be expressed raises, never
 computes something else.
 
-Mistral, Gemma and every model whose forward builds a 0-d tensor (a sliding window, a cache
-bound) failed here before: the tracer expanded a 0-d label tensor with no sizes.
+Mistral, Gemma, Gemma 2, GPT-Neo, Falcon, Bloom and MPT failed here before 2026-12-04: their
+forwards build a 0-d tensor (a sliding-window bound, an ALiBi term) and the tracer expanded its
+0-d label tensor with no sizes.
 """
 
 from __future__ import annotations
