@@ -158,6 +158,17 @@ def flatten_for_metrics(logits: Tensor, targets: Tensor, leading: int) -> tuple[
     return logits.reshape(leading, -1, logits.shape[-1]), targets.reshape(-1)
 
 
+def _logits_stand_in(head: nn.Linear, seen: dict) -> Callable[[Tensor], Tensor]:
+    """A forward for the LM head that records its input (``seen["h"]``) and returns a
+    zero-stride stand-in with the logits' shape (``seen["out"]``): no (K*B, T, V) memory
+    exists; the fused kernel computes the metrics from the input."""
+    def capture(x: Tensor) -> Tensor:
+        seen["h"] = x
+        seen["out"] = x.new_empty(()).expand(*x.shape[:-1], head.out_features)
+        return seen["out"]
+    return capture
+
+
 class BatchedEvaluator:
     """Evaluates the unreset model and K reset subsets of it on one batch."""
 
@@ -381,15 +392,20 @@ class BatchedEvaluator:
         reason = "the model has no nn.Linear"
         if linears:
             name, head = linears[-1]
-            seen = {}
-            handle = head.register_forward_hook(lambda _m, _i, out: seen.setdefault("out", out))
+            seen: dict[str, Tensor] = {}
+            # The forward runs on the stand-in the fused pass gives it: a model that computes on
+            # the logits after the head (OPT's .contiguous() copies it) cannot be fused.
+            head.forward = _logits_stand_in(head, seen)
             try:
                 with torch.no_grad():
                     logits = self._plain_forward(inputs)
+            except RuntimeError:  # an in-place op on the logits cannot take a zero-stride one
+                logits = None
             finally:
-                handle.remove()
+                del head.forward
             if logits is not seen.get("out"):
-                reason = f"the model's output is not the output of its last nn.Linear {name!r}"
+                reason = (f"the model's output is not the output of its last nn.Linear {name!r} "
+                          "as it is (the model computes on it afterwards)")
             elif logits.dim() < 3 and self.fused_head == "auto":
                 reason = "the logits have no sequence dimension (auto fuses LM heads only)"
             else:
@@ -402,17 +418,10 @@ class BatchedEvaluator:
         name, head = self._lm_head
         batch = inputs.shape[0]
         seen: dict[str, Tensor] = {}
-
-        def capture(x: Tensor) -> Tensor:
-            seen["h"] = x
-            # A zero-stride stand-in with the logits' shape: no (K*B, T, V) memory exists.
-            seen["out"] = x.new_empty(()).expand(*x.shape[:-1], head.out_features)
-            return seen["out"]
-
         group = next((g for g in self.layout.groups if g.module is head and g.structure is None),
                      None)
         with self._patched(inputs, batch, design, init, k0, kc, skip=head):
-            head.forward = capture
+            head.forward = _logits_stand_in(head, seen)
             try:
                 out = model_logits(self.model(self._subset_inputs(inputs, kc)))
             finally:
@@ -914,9 +923,31 @@ counts as that class only when it keeps the class's forward."""
 def _handler_for(module: nn.Module) -> Optional[_ModuleHandler]:
     for cls in type(module).__mro__:
         if cls.__name__ in MODULE_HANDLERS:
-            # A subclass that overrides forward computes something else.
-            if type(module).forward is not cls.forward:
+            # A subclass that overrides forward may compute something else: it counts as its
+            # base only where that is checked (Falcon's FalconLinear is x @ W.T + b).
+            if type(module).forward is not cls.forward and not _linear_as_its_base(module):
                 return None
             return MODULE_HANDLERS[cls.__name__]
     return None
+
+
+@torch.no_grad()
+def _linear_as_its_base(module: nn.Module) -> bool:
+    """Whether an nn.Linear subclass's own forward equals nn.Linear's on a random input (3-d,
+    as a transformer's activations are), at the module's dtype and device."""
+    if not isinstance(module, nn.Linear):
+        return False
+    weight = module.weight
+    generator = torch.Generator(device=weight.device).manual_seed(0)
+    x = torch.randn(2, 3, module.in_features, generator=generator, device=weight.device,
+                    dtype=torch.float32).to(weight.dtype)
+    try:
+        got = type(module).forward(module, x)  # not module(x): no hooks of the user's run
+    except Exception:  # noqa: BLE001  a forward that needs more than one tensor input
+        return False
+    want = F.linear(x, weight, module.bias)
+    tolerance = 1e-2 if weight.dtype in (torch.float16, torch.bfloat16) else 1e-5
+    return (isinstance(got, Tensor) and got.shape == want.shape and
+            torch.allclose(got, want, rtol=tolerance, atol=tolerance * float(
+                want.abs().max().clamp_min(1.0))))
 

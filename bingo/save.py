@@ -32,6 +32,7 @@ renamed into place once complete; a failed save leaves no directory that looks l
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -61,6 +62,9 @@ CONFIG = "config.json"
 _REPLACED = {"bingo.attention.PrunedMultiheadAttention":
              "torch.nn.modules.activation.MultiheadAttention"}
 _HEAD_SPEC_KEY = "bingo_heads.num_heads"
+_OWN_CONFIG_PREFIX = "config."
+"""Manifest attribute prefix: a head count of an attention block's own config (see
+:func:`bingo.structure.shrink.shrink`), not of the model's shared one."""
 
 
 def _class_name(obj: Any) -> str:
@@ -121,7 +125,7 @@ def _tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
 def _attributes(model: nn.Module) -> dict[str, dict[str, int]]:
     """Module -> the head-count attributes a shrink changes, as they are now."""
     from bingo.attention import HEADS_ATTR, HeadSpec
-    from bingo.structure.shrink import HEAD_ATTRIBUTES
+    from bingo.structure.shrink import CONFIG_HEAD_ATTRIBUTES, HEAD_ATTRIBUTES
 
     out: dict[str, dict[str, int]] = {}
     for name, module in model.named_modules():
@@ -133,6 +137,11 @@ def _attributes(model: nn.Module) -> dict[str, dict[str, int]]:
             values[_HEAD_SPEC_KEY] = spec.num_heads
             if spec.num_heads_attr and isinstance(getattr(module, spec.num_heads_attr, None), int):
                 values[spec.num_heads_attr] = getattr(module, spec.num_heads_attr)
+        own = getattr(module, "config", None)
+        if own is not None and module is not model and own is not getattr(model, "config", None):
+            values.update({f"{_OWN_CONFIG_PREFIX}{a}": getattr(own, a)
+                           for a in CONFIG_HEAD_ATTRIBUTES
+                           if isinstance(getattr(own, a, None), int)})
         if values:
             out[name] = values
     return out
@@ -443,6 +452,10 @@ def _restore(model: nn.Module, manifest: dict, state: dict[str, Tensor],
             if attr == _HEAD_SPEC_KEY:
                 spec = getattr(module, HEADS_ATTR)
                 setattr(module, HEADS_ATTR, dataclasses.replace(spec, num_heads=value))
+            elif attr.startswith(_OWN_CONFIG_PREFIX):
+                if module.config is getattr(model, "config", None):
+                    module.config = copy.deepcopy(module.config)
+                setattr(module.config, attr[len(_OWN_CONFIG_PREFIX):], value)
             else:
                 setattr(module, attr, value)
     for module_name, cls in manifest["modules"].items():

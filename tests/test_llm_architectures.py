@@ -5,8 +5,8 @@ For each family: the trace finds its attention heads (or key-value groups) and M
 says why its heads cannot be removed (ALiBi's slopes depend on the head count; a fused q/k/v
 projection whose split the trace cannot follow); removing random units physically gives the
 masked model's outputs, at the traced length and at another; the batched search of reset subsets
-equals the one-at-a-time oracle. A family whose shrink cannot be expressed raises, never
-computes something else.
+equals the one-at-a-time oracle. Phi-3, whose attention reads the config's head count, gets a
+config per layer that survives save and reload.
 
 Mistral, Gemma, Gemma 2, GPT-Neo, Falcon, Bloom and MPT failed here before 2026-12-04: their
 forwards build a 0-d tensor (a sliding-window bound, an ALiBi term) and the tracer expanded its
@@ -22,7 +22,6 @@ import warnings
 import pytest
 import torch
 
-from bingo.errors import InputMismatchError
 from bingo.executor import BatchedEvaluator, Design
 from bingo.structure import HEADS, NEURONS, discover
 from bingo.structure.shrink import apply_masks, shrink
@@ -48,6 +47,8 @@ CAUSAL_LMS = {
     "olmo": ("OlmoConfig", dict(GQA, pad_token_id=0), True),
     "stablelm": ("StableLmConfig", GQA, True),
     "phi": ("PhiConfig", SIZES, True),
+    # splits its fused q/k/v output at config.num_attention_heads: each layer gets its own config
+    "phi3": ("Phi3Config", dict(GQA, pad_token_id=0), True),
     "gpt-neox": ("GPTNeoXConfig", SIZES, True),
     "opt": ("OPTConfig", dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                               num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
@@ -167,17 +168,56 @@ def test_batched_search_equals_oracle(name):
     assert loss.max() - loss.min() > 20 * tolerance, f"subsets all alike: {loss.tolist()}"
 
 
-def test_phi3_shrink_raises_instead_of_computing_something_else():
-    """Phi-3 splits its fused q/k/v output at ``config.num_attention_heads * head_dim``: one
-    config for every layer cannot hold per-layer head counts, so the shrunk model cannot run."""
-    if getattr(transformers, "Phi3Config", None) is None:
-        pytest.skip("no Phi3Config in this transformers")
-    transformers.logging.set_verbosity_error()
-    model = transformers.AutoModelForCausalLM.from_config(
-        transformers.Phi3Config(**GQA, pad_token_id=0)).eval()
-    ids = torch.randint(0, VOCAB, (2, 8))
+def test_per_layer_head_counts_survive_save_and_reload(tmp_path):
+    """Phi-3 reads ``config.num_attention_heads`` in forward: after layers keep different
+    numbers of heads, each attention block holds a config of its own, and bingo.save restores
+    them, so the reloaded model computes what the shrunk one does."""
+    from bingo import load_pruned, save_pruned
+
+    model, _, generator = _build("phi3", 0)
+    ids, _ = _tokens(generator, 2, 8)
     structure = discover(model, {"input_ids": ids})
-    first = next(g for g in structure.groups if g.kind == HEADS)
-    with pytest.raises(InputMismatchError, match="shrunk model does not run"):
-        shrink(model, {first.key: torch.arange(first.num_units) > 0},
-               example_inputs={"input_ids": ids})
+    heads = [g for g in structure.groups if g.kind == HEADS]
+    masks = {heads[0].key: torch.arange(heads[0].num_units) > 0}  # layer 0 loses one group
+    small = shrink(model, masks, example_inputs={"input_ids": ids})
+    attention = [m for n, m in small.named_modules() if n.endswith("self_attn")]
+    assert [m.config.num_key_value_heads for m in attention] == [1, 2]
+    assert small.config.num_key_value_heads == 2  # the shared config still says the dense count
+    save_pruned(small, tmp_path / "phi3")
+    reloaded = load_pruned(tmp_path / "phi3").eval()
+    other, _ = _tokens(generator, 3, 11)
+    torch.testing.assert_close(_logits(reloaded, other), _logits(small, other))
+    assert [m.config.num_key_value_heads for n, m in reloaded.named_modules()
+            if n.endswith("self_attn")] == [1, 2]
+
+
+def _loss(model, ids, targets):
+    logits = _logits(model, ids)
+    return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()))
+
+
+@pytest.mark.parametrize("name", sorted(CAUSAL_LMS))
+def test_targeted_elimination_removes_what_hurts_least(name):
+    """bingo llm prune's search on each family (OPT computes on its logits after the head, so
+    the fused LM head must step aside; Falcon's FalconLinear must count as an nn.Linear): the
+    units it ranks lowest hurt the loss less than as many it ranks highest."""
+    from bingo.llm.recipe import targeted_llm_scores
+
+    model, _, generator = _build(name, 0)
+    ids, targets = _tokens(generator, 4, 8)
+    scores = targeted_llm_scores(model, (ids, targets), fraction=0.2, progress=False)
+    structure = discover(model, {"input_ids": ids[:1]})
+    flat = torch.cat([scores[g.key] for g in structure.groups])
+    assert flat.numel() == sum(g.num_units for g in structure.groups)
+    assert torch.isfinite(flat).all()
+    count = flat.numel() // 5
+    losses = []
+    for chosen in (flat.argsort()[:count], flat.argsort(descending=True)[:count]):
+        keep = torch.ones(flat.numel(), dtype=torch.bool)
+        keep[chosen] = False
+        masks = dict(zip([g.key for g in structure.groups],
+                         keep.split([g.num_units for g in structure.groups])))
+        masked = copy.deepcopy(model)
+        apply_masks(masked, structure, masks)
+        losses.append(_loss(masked, ids, targets))
+    assert losses[0] < losses[1], losses

@@ -353,14 +353,6 @@ def test_out_under_a_file_is_refused(files, tmp_path, no_loading):
 
 
 UNSUPPORTED = {
-    # Phi-3's attention slices its fused q/k/v output by the config's head count, which one
-    # config cannot give per layer: the trial shrink fails before the search starts
-    "phi3": (lambda vocab: transformers.Phi3Config(vocab_size=vocab, hidden_size=16,
-                                                   num_hidden_layers=2, num_attention_heads=2,
-                                                   num_key_value_heads=2, intermediate_size=32,
-                                                   pad_token_id=0),
-             "architecture Phi3ForCausalLM is not supported by bingo's structure layer: it "
-             "cannot shrink the model"),
     # Mamba-2 has no attention heads, and its mixer's units are not ones bingo can remove
     "mamba2": (lambda vocab: transformers.Mamba2Config(vocab_size=vocab, hidden_size=16,
                                                        num_hidden_layers=2, num_heads=2,
@@ -387,6 +379,25 @@ def test_unsupported_architecture_is_refused(name, files, tmp_path, no_long_work
     char_tokenizer(chars).save_pretrained(directory)
     _refused(["--model-dir", str(directory), "--calibration", str(calibration), "--sparsity",
               "0.3", "--block", "32", "--out", str(tmp_path / "out")], needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_that_cannot_be_shrunk_is_refused_before_the_search(files, tmp_path,
+                                                                   no_long_work, monkeypatch):
+    """The trial shrink on a copy runs before the search: a module whose sizes bingo cannot
+    update (here: any shrink fails) stops the command at once, not after the search."""
+    import bingo.structure.shrink as shrink_module
+    from bingo.errors import InputMismatchError
+
+    def fails(*args, **kwargs):
+        raise InputMismatchError("the shrunk model does not run (a hard-coded width)")
+
+    monkeypatch.setattr(shrink_module, "shrink", fails)
+    checkpoint, calibration, _ = files
+    _refused(["--model-dir", str(checkpoint), "--calibration", str(calibration), "--sparsity",
+              "0.3", "--block", "32", "--out", str(tmp_path / "out")],
+             "architecture LlamaForCausalLM is not supported by bingo's structure layer: it "
+             "cannot shrink the model (the shrunk model does not run (a hard-coded width))")
     assert not (tmp_path / "out").exists()
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import copy
 import random
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import zoo
 from bingo.executor import BatchedEvaluator, Design, ExplicitDesign
@@ -191,3 +193,35 @@ def test_a_first_call_with_one_subset_still_sees_a_model_that_mixes_rows():
     assert evaluator.path == "vmap"
     _compare(evaluator, layout, ExplicitDesign({"a.weight": torch.eye(8, dtype=torch.bool)[2:5]}),
              None, model, x, y, 0)
+
+
+class _MatmulLinear(nn.Linear):
+    """x @ W.T + b written out, as Falcon's FalconLinear does."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class _ScaledLinear(nn.Linear):
+    """A forward of its own that computes something else than nn.Linear."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+@pytest.mark.parametrize("layer, path", [(_MatmulLinear, "fast"), (_ScaledLinear, "vmap")])
+def test_linear_subclass_goes_fast_only_when_it_computes_a_linear(layer, path):
+    """A subclass of nn.Linear with a forward of its own is reset through the fast path only
+    when its forward is checked to equal nn.Linear's; otherwise the general fallback runs it.
+    Either way the losses are the oracle's."""
+    torch.manual_seed(random.SystemRandom().randrange(2**31))
+    model = nn.Sequential(layer(6, 12), nn.ReLU(), nn.Linear(12, 5)).double().eval()
+    init = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    x, targets = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 5, (7,))
+    layout = find_units(model, "neuron")
+    design = Design(5, 0, K, {g.param_name: 0.35 for g in layout.groups})
+    evaluator = BatchedEvaluator(model, layout, backend="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the vmap fallback warns
+        _compare(evaluator, layout, design, init, model, x, targets, 0)
+    assert evaluator.path == path, evaluator.path_reason

@@ -5,7 +5,8 @@ of the kept units, then re-derives the modules' size attributes from their new p
 (:data:`SIZE_ATTRIBUTES`: ``nn.Linear.out_features``, ``Conv1D.nf``, ``BatchNorm.num_features``,
 ...) and scales the head-count attributes of attention blocks (:data:`HEAD_ATTRIBUTES`:
 ``num_heads``, ``split_size``, ...; for a block declared with
-:func:`bingo.attention.declare_heads` also its ``HeadSpec`` and the attribute it names).
+:func:`bingo.attention.declare_heads` also its ``HeadSpec`` and the attribute it names; a block
+holding the model's config gets a copy with its own head counts when layers differ).
 ``nn.MultiheadAttention``, whose inner width must equal its embedding width, becomes a
 :class:`bingo.attention.PrunedMultiheadAttention`.
 
@@ -186,6 +187,35 @@ def _scale_head_spec(module: nn.Module, kept: float, changed: list[str], name: s
         changed.append(f"{name}.{attr}")
 
 
+def _own_head_config(model: nn.Module, small: nn.Module, block: str, kept: float,
+                     changed: list[str]) -> None:
+    """Give attention block ``block`` of ``small`` a config of its own when it holds the
+    model's shared config and that config cannot say its head counts (layers keep different
+    numbers of heads): some blocks read them in forward (Phi-3 splits its fused q/k/v output at
+    ``config.num_attention_heads * head_dim``)."""
+    shared = getattr(small, "config", None)
+    module = small.get_submodule(block) if block else small
+    if shared is None or getattr(module, "config", None) is not shared:
+        return
+    dense = getattr(model, "config", None)
+    own = {}
+    for attr in CONFIG_HEAD_ATTRIBUTES:
+        value = getattr(dense, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            new = value * kept
+            if abs(new - round(new)) > 1e-9:
+                raise InputMismatchError(
+                    f"cannot shrink attention block {block!r}: config.{attr}={value} does not "
+                    f"scale to a whole number with {kept:.3g} of its units kept")
+            own[attr] = int(round(new))
+    if all(getattr(shared, attr) == value for attr, value in own.items()):
+        return
+    module.config = copy.deepcopy(shared)
+    for attr, value in own.items():
+        setattr(module.config, attr, value)
+        changed.append(f"{block}.config.{attr}")
+
+
 def _replace_mha(model: nn.Module, name: str) -> None:
     """nn.MultiheadAttention cannot hold an inner width other than its embedding width: the
     shrunk tensors move into a PrunedMultiheadAttention."""
@@ -332,6 +362,8 @@ def shrink(model: nn.Module, unit_masks: Mapping[str, Tensor], *, example_inputs
             _replace_mha(small, name)
             changed.append(name)
     small.bingo_config_note = _update_config(small, structure, masks)
+    for block, kept in _head_blocks(structure, masks).items():
+        _own_head_config(model, small, block, kept, changed)
     if check:
         _check_equal(model, small, structure, masks, example_inputs, atol, changed)
     return small
