@@ -5,6 +5,7 @@ bad input refused in one line before any long work."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import math
@@ -462,3 +463,38 @@ def test_bench_forwards_to_the_compare_module(monkeypatch):
     monkeypatch.setattr(compare, "main", main)
     assert cli.main(["llm", "bench"]) == 7
     assert seen and seen[0].subcommand == "bench"
+
+
+def test_refit_chunks_change_memory_not_results():
+    """bingo llm prune's refit runs recipe.REFIT_CHUNK_TOKENS tokens at a time: the refitted
+    weights equal those of one chunk holding every window."""
+    from bingo.structure import discover
+
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=32)
+    seed = random.SystemRandom().randrange(2**31)
+    torch.manual_seed(seed)
+    dense = transformers.LlamaForCausalLM(config).double().eval()
+    ids = torch.randint(0, 40, (12, 17))
+    calibration = (ids[:, :-1], ids[:, 1:])
+    structure = discover(dense, {"input_ids": ids[:1, :-1]})
+    generator = torch.Generator().manual_seed(seed)
+    units = {g.key: torch.rand(g.num_units, generator=generator) > 0.3 for g in structure.groups}
+    for keep in units.values():
+        keep[0] = True  # a group must keep a unit
+    assert recipe.least_squares_refit(calibration, progress=False).calibration.chunk == \
+        recipe.REFIT_CHUNK_TOKENS // 16
+    results, chunks = [], []
+    for tokens in (16 * 5, 10**9):  # 5 windows a chunk (3 chunks), then one chunk of all 12
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(recipe, "REFIT_CHUNK_TOKENS", tokens)
+            chunks.append(recipe.least_squares_refit(calibration, progress=False).calibration.chunk)
+        model = copy.deepcopy(dense)
+        bingo.refit(model, units, calibration, chunk=chunks[-1], progress=False)
+        results.append(model.state_dict())
+    assert chunks == [5, 10**9 // 16]
+    assert any(not torch.equal(v, dense.state_dict()[n]) for n, v in results[0].items())
+    for name, value in results[0].items():
+        torch.testing.assert_close(value, results[1][name], rtol=1e-9, atol=1e-10,
+                                   msg=f"seed {seed}: {name}")

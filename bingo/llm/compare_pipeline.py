@@ -32,7 +32,7 @@ from bingo.baselines.bonsai import compare_evaluation, sample_submodels
 from bingo.llm.budget import removal_fractions
 from bingo.llm.checkpoint import char_tokenizer, encode, load_causal_lm, transformers_module
 from bingo.llm.compare import LlmBenchConfig
-from bingo.llm.recipe import EVIDENCE_WINDOWS, targeted_llm_scores
+from bingo.llm.recipe import EVIDENCE_WINDOWS, least_squares_refit, targeted_llm_scores
 from bingo.llm.text import TextSplits, perplexity, random_windows, windows
 from bingo.rundir import RunDirectory, write_json
 from bingo.search import TicketSearch
@@ -205,7 +205,7 @@ def _score_methods(seed_data: _Seed, config: LlmBenchConfig, training: dict, see
 
 def _reconstructions(name: str, seed_data: _Seed) -> list[tuple[str, Any]]:
     options = [("none", None),
-               ("refit", bingo.LeastSquaresReconstruction(seed_data.calibration, progress=False))]
+               ("refit", least_squares_refit(seed_data.calibration, progress=False))]
     if name == "flap":
         options.append(("flap-bias", FlapCompensation(seed_data.batches)))
     return options
@@ -308,7 +308,7 @@ def _shrunk(seed_data: _Seed, scores, config: LlmBenchConfig) -> dict:
     fraction = sorted(config.fractions)[SHRINK_FRACTION_INDEX]
     removed, units = removal_fractions(seed_data.model, scores, example_inputs=seed_data.example)
     count = int(torch.argmin((removed - fraction).abs()))
-    refit = bingo.LeastSquaresReconstruction(seed_data.calibration, progress=False)
+    refit = least_squares_refit(seed_data.calibration, progress=False)
     result = seed_data.pruned(scores, count, units, refit, structured=True)
     small = result.structured.model.eval()
     inputs = seed_data.test[0][:THROUGHPUT_BATCH]

@@ -329,7 +329,7 @@ def prune_checkpoint(model_dir: PathLike, calibration_file: PathLike, sparsity: 
     count, removed, units = count_for_fraction(model, scores, sparsity, example_inputs=example)
     _say(f"removing {count} of {units} units ({removed:.1%} of the block parameters); "
          "refitting and shrinking", progress)
-    refit = bingo.LeastSquaresReconstruction(calibration, progress=progress)
+    refit = recipe.least_squares_refit(calibration, progress=progress)
     result = bingo.prune(model, scores, sparsity=count / units, granularity="structured",
                          example_inputs=example, reconstruct=refit, structured=True,
                          progress=progress)
