@@ -151,17 +151,27 @@ def _head_blocks(structure: Structure, unit_masks: Mapping[str, Tensor]) -> dict
     return out
 
 
-def _scale_head_attributes(module: nn.Module, kept: float, changed: list[str], name: str) -> None:
-    for attr in HEAD_ATTRIBUTES:
-        value = getattr(module, attr, None)
+def _scaled_counts(owner: Any, attrs: tuple[str, ...], kept: float, block: str,
+                   prefix: str = "") -> dict[str, int]:
+    """``owner``'s integer attributes among ``attrs`` times ``kept``; raises when one does not
+    come out whole (``prefix`` names where they live in the error)."""
+    out = {}
+    for attr in attrs:
+        value = getattr(owner, attr, None)
         if isinstance(value, int) and not isinstance(value, bool):
             new = value * kept
             if abs(new - round(new)) > 1e-9:
                 raise InputMismatchError(
-                    f"cannot shrink attention block {name!r}: {attr}={value} does not scale "
-                    f"to a whole number with {kept:.3g} of its units kept")
-            setattr(module, attr, int(round(new)))
-            changed.append(f"{name}.{attr}")
+                    f"cannot shrink attention block {block!r}: {prefix}{attr}={value} does not "
+                    f"scale to a whole number with {kept:.3g} of its units kept")
+            out[attr] = int(round(new))
+    return out
+
+
+def _scale_head_attributes(module: nn.Module, kept: float, changed: list[str], name: str) -> None:
+    for attr, value in _scaled_counts(module, HEAD_ATTRIBUTES, kept, name).items():
+        setattr(module, attr, value)
+        changed.append(f"{name}.{attr}")
 
 
 def _scale_head_spec(module: nn.Module, kept: float, changed: list[str], name: str) -> None:
@@ -197,17 +207,8 @@ def _own_head_config(model: nn.Module, small: nn.Module, block: str, kept: float
     module = small.get_submodule(block) if block else small
     if shared is None or getattr(module, "config", None) is not shared:
         return
-    dense = getattr(model, "config", None)
-    own = {}
-    for attr in CONFIG_HEAD_ATTRIBUTES:
-        value = getattr(dense, attr, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            new = value * kept
-            if abs(new - round(new)) > 1e-9:
-                raise InputMismatchError(
-                    f"cannot shrink attention block {block!r}: config.{attr}={value} does not "
-                    f"scale to a whole number with {kept:.3g} of its units kept")
-            own[attr] = int(round(new))
+    own = _scaled_counts(getattr(model, "config", None), CONFIG_HEAD_ATTRIBUTES, kept, block,
+                         prefix="config.")
     if all(getattr(shared, attr) == value for attr, value in own.items()):
         return
     module.config = copy.deepcopy(shared)
