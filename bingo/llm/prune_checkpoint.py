@@ -158,8 +158,8 @@ def check_architecture(model: nn.Module, example: Tensor) -> Any:
     InputMismatchError naming the architecture when bingo's structure layer cannot handle it:
     the trace fails, it finds no removable head or neuron or no stack of blocks, or the model
     cannot be shrunk (tried at once on a copy, one unit fewer in the first group of several
-    units only, so that layers keep different widths as a real pruning makes them). Warns when no attention head
-    is removable (only MLP neurons will be pruned) and says why."""
+    units only, so that layers keep different widths as a real pruning makes them). Warns
+    when no attention head is removable (only MLP neurons will be pruned) and says why."""
     import torch
 
     from bingo.llm.budget import block_parameter_names
