@@ -498,3 +498,12 @@ def test_refit_chunks_change_memory_not_results():
     for name, value in results[0].items():
         torch.testing.assert_close(value, results[1][name], rtol=1e-9, atol=1e-10,
                                    msg=f"seed {seed}: {name}")
+
+
+def test_missing_transformers_is_one_line(files, tmp_path, no_loading, monkeypatch):
+    """bingo's own install (the quick start's first line) has no transformers."""
+    checkpoint, calibration, _ = files
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers: ImportError
+    _refused(["--model-dir", str(checkpoint), "--calibration", str(calibration), "--sparsity",
+              "0.3", "--out", str(tmp_path / "out")],
+             "needs the transformers package", "pip install transformers")

@@ -23,8 +23,8 @@ def transformers_module():
     try:
         import transformers
     except ImportError as exc:  # pragma: no cover - transformers is a test dependency
-        raise InputMismatchError("bingo llm needs the transformers package: pip install "
-                                 "transformers") from exc
+        raise InputMismatchError("bingo llm needs the transformers package, which bingo's own "
+                                 "install leaves out: pip install transformers") from exc
     transformers.logging.set_verbosity_error()
     return transformers
 

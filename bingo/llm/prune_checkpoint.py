@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from bingo.errors import BingoError, InputMismatchError, InvalidOptionError
 from bingo.llm import recipe
-from bingo.llm.checkpoint import CONFIG_FILE, check_checkpoint_dir, encode, load_causal_lm
+from bingo.llm.checkpoint import (CONFIG_FILE, check_checkpoint_dir, encode, load_causal_lm,
+                                  transformers_module)
 
 CALIBRATION_SHARE = 0.9
 """Share of the calibration file's tokens (the first ones) used to search and refit; the rest
@@ -306,6 +307,7 @@ def prune_checkpoint(model_dir: PathLike, calibration_file: PathLike, sparsity: 
     model_dir = check_checkpoint_dir(Path(model_dir).expanduser())
     block = window_length(block, context_length(model_dir))
     text = read_calibration_text(calibration_file)
+    transformers_module()  # bingo's own install leaves it out: one line, not a traceback
 
     _say(f"loading {model_dir}", progress)
     model, tokenizer = _load(model_dir, progress)
