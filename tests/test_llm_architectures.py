@@ -27,6 +27,7 @@ from bingo.structure import HEADS, NEURONS, discover
 from bingo.structure.shrink import apply_masks, shrink
 from bingo.units import find_units
 from test_search_any_model import RTOL, ATOL, _compare
+from test_structure import _random_keep
 
 transformers = pytest.importorskip("transformers")
 
@@ -137,11 +138,7 @@ def test_shrink_equals_mask(name):
     generator.manual_seed(seed)
     ids, _ = _tokens(generator, 2, 8)
     structure = discover(model, {"input_ids": ids})
-    masks = {}
-    for g in structure.groups:  # different widths per layer, as a real pruning leaves them
-        keep = torch.rand(g.num_units, generator=generator) < 0.6
-        keep[torch.randint(g.num_units, (1,), generator=generator)] = True
-        masks[g.key] = keep
+    masks = _random_keep(structure, generator)  # different widths per layer, as pruning leaves
     small = shrink(model, masks, example_inputs={"input_ids": ids})
     masked = copy.deepcopy(model)
     apply_masks(masked, structure, masks)

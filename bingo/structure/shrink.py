@@ -353,7 +353,8 @@ def shrink(model: nn.Module, unit_masks: Mapping[str, Tensor], *, example_inputs
         if rule is not None:
             rule(module)
             changed.append(module_name)
-    for block, kept in _head_blocks(structure, masks).items():
+    head_blocks = _head_blocks(structure, masks)
+    for block, kept in head_blocks.items():
         module = small.get_submodule(block) if block else small
         _scale_head_attributes(module, kept, changed, block)
         _scale_head_spec(module, kept, changed, block)
@@ -363,7 +364,7 @@ def shrink(model: nn.Module, unit_masks: Mapping[str, Tensor], *, example_inputs
             _replace_mha(small, name)
             changed.append(name)
     small.bingo_config_note = _update_config(small, structure, masks)
-    for block, kept in _head_blocks(structure, masks).items():
+    for block, kept in head_blocks.items():  # after the shared config took what it can say
         _own_head_config(model, small, block, kept, changed)
     if check:
         _check_equal(model, small, structure, masks, example_inputs, atol, changed)
